@@ -1,0 +1,1 @@
+"""The typer front end of deploy-prune (installed as deploy_prune.cli)."""

@@ -1,0 +1,280 @@
+"""The ``deploy-prune`` command line (typer). Commands parse options, call the library, and map errors to exit
+codes: 0 success, 2 bad input (one line ``error: ...`` on stderr, no traceback), 1 internal failure."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import Abort, Exit, TyperException
+
+from deploy_prune.errors import BadInput, DeployPruneError
+
+app = typer.Typer(
+    name="deploy-prune",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Prune a PyTorch CNN, finetune it, export dense / unstructured / structured variants to ONNX, verify "
+         "them against PyTorch and measure their latency on ONNX Runtime.",
+)
+
+_DEBUG = {"on": False}
+
+
+def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    from deploy_prune.pipeline import parse_shape
+
+    return parse_shape(text) if text else None
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    _DEBUG["on"] = debug
+
+
+@app.command(no_args_is_help=True)
+def run(
+    model: Annotated[str, typer.Argument(help="torchvision:NAME, builtin:NAME, or a .pt/.pth checkpoint "
+                                              "(state_dict, {'arch','state_dict'} or a deploy-prune pruned.pt).")],
+    criterion: Annotated[str, typer.Option(help="l1 | slimming | fpgm | apoz | lottery | random.")] = "l1",
+    ratio: Annotated[float, typer.Option(help="Fraction of prunable channels to remove, 0 <= R < 1 "
+                                              "(lottery: fraction of weights).")] = 0.5,
+    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file "
+                                                     "(torchvision:NAME or builtin:NAME); guessed if omitted.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="mnist5k (embedded digits) or imagefolder:DIR "
+                                                     "(DIR/train, DIR/val). Without it: no finetuning, accuracy unknown.")] = None,
+    epochs: Annotated[int, typer.Option(help="Finetune epochs after pruning (per step).")] = 3,
+    no_finetune: Annotated[bool, typer.Option("--no-finetune", help="Skip finetuning (same as --epochs 0).")] = False,
+    input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224 (default: from the data or the "
+                                                            "model, else 1x3x224x224).")] = None,
+    provider: Annotated[str, typer.Option(help="auto (CUDA if it really runs, else CPU) | cpu | cuda.")] = "auto",
+    out: Annotated[Path, typer.Option(help="Bundle directory; must be empty unless --force.")] = Path("deploy-prune-out"),
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled whole module "
+                                                                       "(runs code from the file).")] = False,
+    bench_iters: Annotated[int, typer.Option(help="Timed iterations per variant.")] = 100,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
+    round_to: Annotated[int, typer.Option(help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs "
+                                               "and tensor cores, 16 AVX-512).")] = 8,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Layer (qualified name, or prefix ending in '.') "
+                                                             "never to prune; repeatable.")] = None,
+    max_layer_ratio: Annotated[float, typer.Option(help="Never remove more than this fraction of a layer.")] = 0.9,
+    steps: Annotated[int, typer.Option(help="Prune and finetune iteratively in N steps (1 = prune once).")] = 1,
+    l1_mode: Annotated[str, typer.Option(help="l1: independent | greedy (Li et al. 2017, sec. 3.2).")] = "independent",
+    sparsity: Annotated[float, typer.Option(help="slimming: lambda of the L1 penalty on BN scales.")] = 1e-4,
+    sparsity_epochs: Annotated[int, typer.Option(help="slimming: sparsity-training epochs (needs --data).")] = 2,
+    calib_batches: Annotated[int, typer.Option(help="apoz: calibration batches.")] = 8,
+    lottery_rounds: Annotated[int, typer.Option(help="lottery: pruning rounds.")] = 3,
+    lottery_scope: Annotated[str, typer.Option(help="lottery: global | layer.")] = "global",
+    rewind_iter: Annotated[int, typer.Option(help="lottery: rewind to iteration k (0 = initialisation).")] = 0,
+    from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
+                                                                  "(deploy-prune sensitivity).")] = None,
+    max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
+    lr: Annotated[Optional[float], typer.Option(help="Finetune learning rate (Adam; default 1e-3).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size for finetuning and evaluation.")] = 64,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Prune MODEL, finetune, export three ONNX variants, verify and benchmark them, and write the bundle."""
+    from deploy_prune.pipeline import RunOptions, run as run_pipeline
+
+    layer_ratios: dict[str, float] = {}
+    if from_sensitivity is not None:
+        from deploy_prune.criteria.sensitivity import ratios_from_sensitivity
+
+        layer_ratios = ratios_from_sensitivity(_read_json(from_sensitivity, "--from-sensitivity"), max_drop=max_drop)
+    opts = RunOptions(
+        model=model, criterion=criterion, ratio=ratio, weights=weights, arch=arch, data=data,
+        epochs=0 if no_finetune else epochs, lr=lr, batch_size=batch_size, input_shape=_shape(input_shape),
+        provider=provider, out=out, force=force, seed=seed, trust_pickle=trust_pickle, bench_iters=bench_iters,
+        threads=threads, round_to=round_to, ignore=tuple(ignore or ()), max_layer_ratio=max_layer_ratio, steps=steps,
+        l1_mode=l1_mode, sparsity=sparsity, sparsity_epochs=sparsity_epochs, calib_batches=calib_batches,
+        lottery_rounds=lottery_rounds, lottery_scope=lottery_scope, rewind_iter=rewind_iter,
+        layer_ratios=layer_ratios, progress=not quiet,
+    )
+    report = run_pipeline(opts)
+    _summary(report, out)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Bundle directory.")] = Path("deploy-prune-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    bench_iters: Annotated[int, typer.Option(help="Timed iterations per variant.")] = 100,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """The whole pipeline on the embedded default: a small CNN trained on 4,000 real handwritten digits (mnist5k),
+    L1-pruned at 50%, finetuned 3 epochs, benchmarked at batch 1 on this machine."""
+    from deploy_prune.pipeline import RunOptions, run as run_pipeline
+
+    opts = RunOptions(model="builtin:mnist_cnn", criterion="l1", ratio=0.5, data="mnist5k", epochs=3, out=out,
+                      force=force, bench_iters=bench_iters, progress=not quiet)
+    report = run_pipeline(opts)
+    _summary(report, out)
+
+
+@app.command(no_args_is_help=True)
+def inspect(
+    model: Annotated[str, typer.Argument(help="As for `run`.")],
+    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled whole module.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the prunable channel groups, layers left alone (and why), MACs and params. Changes nothing."""
+    from deploy_prune.loading import DEFAULT_INPUT_SHAPE, load_model
+    from deploy_prune.metrics import count_macs, count_params
+    from deploy_prune.surgery import analyze
+
+    loaded = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle)
+    shape = _shape(input_shape) or loaded.input_shape or DEFAULT_INPUT_SHAPE
+    graph = analyze(loaded.model, shape)
+    info = {
+        "model": model, "arch": loaded.arch, "input_shape": list(shape), "params": count_params(loaded.model),
+        "macs": count_macs(loaded.model, shape), "notes": loaded.notes,
+        "groups": [{"id": g.id, "layers": list(g.modules), "channels": g.size, "multiple_of": g.multiple_of}
+                   for g in graph.groups],
+        "skipped": graph.skipped,
+    }
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{model}  input {'x'.join(map(str, shape))}  params {info['params']:,}  MACs {info['macs']:,}")
+    for n in loaded.notes:
+        typer.echo(f"  note: {n}")
+    typer.echo(f"\n{len(graph.groups)} prunable channel groups:")
+    for g in graph.groups:
+        layers = ", ".join(g.modules[:4]) + (f" (+{len(g.modules) - 4} more)" if len(g.modules) > 4 else "")
+        typer.echo(f"  #{g.id:<3} {g.size:>5} channels  {layers}")
+    if graph.skipped:
+        typer.echo(f"\n{len(graph.skipped)} layers not (fully) prunable:")
+        for name, why in graph.skipped.items():
+            typer.echo(f"  {name}: {why}")
+
+
+@app.command(no_args_is_help=True)
+def sensitivity(
+    model: Annotated[str, typer.Argument(help="As for `run`.")],
+    data: Annotated[str, typer.Option(help="mnist5k or imagefolder:DIR (required).")],
+    criterion: Annotated[str, typer.Option(help="Channel ranking used for each layer (l1, fpgm, random).")] = "l1",
+    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for sensitivity.json and sensitivity.png.")] = Path("sensitivity-out"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing sensitivity files.")] = False,
+    max_batches: Annotated[Optional[int], typer.Option(help="Evaluate on at most N validation batches.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled whole module.")] = False,
+) -> None:
+    """Prune each layer group alone at 10%..90% without retraining and plot accuracy against the pruned fraction
+    (Li et al. 2017, Fig. 2b). Feed the JSON back with `run --from-sensitivity`."""
+    from deploy_prune.criteria.sensitivity import plot_sensitivity, sensitivity as sweep
+    from deploy_prune.data import load_data
+    from deploy_prune.loading import load_model
+
+    targets = [out / "sensitivity.json", out / "sensitivity.png"]
+    if any(t.exists() for t in targets) and not force:
+        raise BadInput(f"{out} already holds sensitivity results; pass --force to overwrite or choose another --out")
+    loaded = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle)
+    bundle = load_data(data, input_shape=_shape(input_shape))
+    shape = _shape(input_shape) or bundle.input_shape
+    result = sweep(loaded.model, bundle, shape, criterion=criterion, max_batches=max_batches)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".sensitivity.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(targets[0])
+    plot_sensitivity(result, targets[1])
+    typer.echo(f"baseline accuracy {result['baseline']:.2f}%  ->  {targets[0]}  {targets[1]}")
+
+
+@app.command(no_args_is_help=True)
+def bench(
+    files: Annotated[list[Path], typer.Argument(help="ONNX files to compare (the first is the baseline).")],
+    input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224 (default: from the first model, "
+                                                            "dynamic dims = 1).")] = None,
+    provider: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    iters: Annotated[int, typer.Option(help="Timed iterations per file.")] = 100,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: all cores).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Interleaved latency comparison of ONNX files on ONNX Runtime (blocks, spinning off, same input)."""
+    from deploy_prune.bench import bench_files
+
+    result = bench_files(files, _shape(input_shape), provider=provider, iters=iters, threads=threads)
+    names = list(result.stats)
+    base = result.stats[names[0]].p50
+    if as_json:
+        typer.echo(json.dumps({"provider": result.provider, "threads": result.threads, "method": result.method,
+                               "results": {n: result.stats[n].to_dict() | {"speedup_vs_first": base / result.stats[n].p50}
+                                           for n in names}}, indent=2))
+        return
+    typer.echo(f"provider {result.provider}, {result.threads} threads; {result.method}")
+    typer.echo(f"{'file':<40} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'speedup':>8}")
+    for n in names:
+        s = result.stats[n]
+        typer.echo(f"{n:<40} {s.p50:>9.3f} {s.p90:>9.3f} {s.p99:>9.3f} {base / s.p50:>7.2f}x")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{what} {path} does not exist; run `deploy-prune sensitivity` first") from None
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{what} {path} is not readable JSON ({exc.__class__.__name__}); regenerate it") from None
+
+
+def _summary(report: dict, out: Path) -> None:
+    typer.echo(report.get("verdict", ""))
+    for v in report["variants"]:
+        acc = "n/a" if v["accuracy"] is None else f"{v['accuracy']:.2f}%"
+        typer.echo(f"  {v['kind']:<13} p50 {v['latency_ms']['p50']:8.3f} ms  {v['speedup_vs_dense']:5.2f}x  "
+                   f"MACs {v['macs']:>14,}  non-zero {v['nonzero_params']:>11,}  acc {acc}")
+    typer.echo(f"bundle: {out}/ (model.onnx, pruned.pt, report.md, report.json)")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: runs the app and turns every failure into a one-line message and an exit code."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="deploy-prune", standalone_mode=False)
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except Abort:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except TyperException as exc:  # usage errors from the (vendored) click parser
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            sys.exit(0)
+        name = getattr(ctx, "command_path", "deploy-prune") if ctx is not None else "deploy-prune"
+        print(f"error: {exc.format_message()}; see `{name} --help`", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except DeployPruneError as exc:
+        if _DEBUG["on"]:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
+        if _DEBUG["on"]:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: internal failure: {type(exc).__name__}: {first[:300]} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Turning a MODEL argument into an ``nn.Module`` (contract: ../shared/contract/cli.md, "MODEL").
+
+Files are always opened with ``torch.load(weights_only=True)`` first, which cannot run code. A pickled
+whole module needs ``--trust-pickle``; without it the user gets a one-line error that says why and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from deploy_prune import models as zoo
+from deploy_prune.errors import BadInput
+
+PRUNED_FORMAT = "deploy-prune/pruned/v1"
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to prune.
+
+    Attributes:
+        model: the module, in eval mode, on CPU.
+        arch: a rebuildable MODEL spec (``torchvision:NAME`` / ``builtin:NAME``), or None for a trusted pickle.
+        num_classes: the classifier width the architecture was built with.
+        input_shape: the input shape the model is known to take (builtin models, pruned.pt), else None.
+        notes: what the loader decided on the user's behalf (e.g. which architecture matched a state_dict).
+        plan: the pruning plan when the file is a deploy-prune ``pruned.pt``.
+    """
+
+    model: nn.Module
+    arch: str | None
+    num_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    notes: list[str] = field(default_factory=list)
+    plan: dict[str, list[int]] | None = None
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """Build ``torchvision:NAME`` or ``builtin:NAME`` with random init; returns (model, known input shape)."""
+    kind, _, name = arch.partition(":")
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    if kind == "torchvision":
+        import torchvision
+
+        names = _torchvision_names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise BadInput(f"unknown torchvision classification model {name!r}{hint}; "
+                           "`python -c 'import torchvision; print(torchvision.models.list_models())'` lists them")
+        kwargs: dict[str, Any] = dict(kw, weights=None)
+        if name.startswith(("inception", "googlenet")):
+            kwargs["aux_logits"] = False
+            kwargs["init_weights"] = True
+        return torchvision.models.get_model(name, **kwargs).eval(), None
+    if kind == "builtin":
+        if name not in zoo.names():
+            raise BadInput(f"unknown builtin model {name!r}: choose one of {', '.join(zoo.names())}")
+        entry = zoo.get(name)
+        return entry.build(**kw).eval(), entry.input_shape
+    raise BadInput(f"unknown model spec {arch!r}: use torchvision:NAME, builtin:NAME or a path to a .pt/.pth file")
+
+
+def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:3]}")
+        raise BadInput(f"{what} does not fit the architecture ({'; '.join(parts)}); pass the matching --arch")
+    model.load_state_dict(sd, strict=True)
+
+
+def _classifier_width(sd: dict[str, torch.Tensor]) -> int | None:
+    """The output width of the last 2-D weight in the state_dict (the classifier), if any."""
+    for k in reversed(list(sd)):
+        if k.endswith("weight") and sd[k].dim() == 2:
+            return int(sd[k].shape[0])
+    return None
+
+
+def _fits(model: nn.Module, sd: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return own.keys() == sd.keys() and all(tuple(own[k].shape) == tuple(sd[k].shape) for k in own)
+
+
+def match_arch(sd: dict[str, torch.Tensor]) -> str:
+    """The one architecture whose parameter names and shapes match ``sd`` exactly (classifier width aside)."""
+    ncls = _classifier_width(sd)
+    candidates = [f"builtin:{n}" for n in zoo.names()] + [f"torchvision:{n}" for n in _torchvision_names()]
+    exact: list[str] = []
+    scored: list[tuple[float, str]] = []
+    for arch in candidates:
+        try:
+            with torch.device("meta"):
+                m, _ = build_arch(arch, ncls)
+        except Exception:  # noqa: BLE001 - an arch that cannot take this num_classes is no match
+            continue
+        if _fits(m, sd):
+            exact.append(arch)
+        else:
+            keys = set(m.state_dict())
+            scored.append((len(keys & set(sd)) / max(len(keys | set(sd)), 1), arch))
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        raise BadInput(f"the state_dict matches several architectures ({', '.join(exact)}); pass --arch")
+    best = [a for _, a in sorted(scored, reverse=True)[:3]]
+    raise BadInput(f"no known architecture matches this state_dict (closest: {', '.join(best)}); "
+                   "pass --arch torchvision:NAME or builtin:NAME")
+
+
+def _read_checkpoint(path: Path, trust_pickle: bool) -> Any:
+    if not path.exists():
+        raise BadInput(f"model file {str(path)!r} does not exist; check the path")
+    if path.is_dir():
+        raise BadInput(f"{str(path)!r} is a directory; pass a .pt/.pth checkpoint file")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()):
+                raise BadInput(f"{path.name} is a TorchScript archive, which channel surgery cannot edit; "
+                               "save the eager model's state_dict() and pass it with --arch")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc)
+        pickled = "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
+        if not pickled:
+            raise BadInput(f"cannot read {path.name} as a PyTorch checkpoint ({type(exc).__name__}); "
+                           "pass a file written by torch.save") from None
+        if not trust_pickle:
+            raise BadInput(f"{path.name} holds pickled Python objects (a whole model?); loading it would run code "
+                           "from the file: re-run with --trust-pickle if you trust it, or save "
+                           "model.state_dict() and pass --arch") from None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(spec: str, *, weights: str | None = None, arch: str | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
+    """Resolve a MODEL argument (see the module docstring and the contract)."""
+    if spec.startswith(("torchvision:", "builtin:")):
+        if arch:
+            raise BadInput("--arch is only for checkpoint files; drop it or pass a .pt file as MODEL")
+        ncls = None
+        sd = None
+        if weights:
+            obj = _read_checkpoint(Path(weights), trust_pickle=False)
+            sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise BadInput(f"--weights {weights} is not a state_dict; save model.state_dict()")
+            ncls = _classifier_width(sd)
+        model, shape = build_arch(spec, ncls)
+        notes = []
+        if sd is not None:
+            _load_state_dict(model, sd, f"--weights {weights}")
+        elif spec.startswith("builtin:"):
+            shipped = zoo.shipped_state_dict(zoo.get(spec.split(":", 1)[1]))
+            if shipped is not None:
+                model.load_state_dict(shipped)
+                notes.append(f"{spec}: using the trained weights shipped with deploy-prune")
+            else:
+                notes.append(f"{spec}: random initialisation (no --weights)")
+        else:
+            notes.append(f"{spec}: random initialisation (no --weights)")
+        return LoadedModel(model.eval(), spec, ncls or _classifier_width(model.state_dict()), shape, notes)
+    if weights:
+        raise BadInput("--weights goes with torchvision:NAME or builtin:NAME; a checkpoint file carries its weights")
+    path = Path(spec)
+    obj = _read_checkpoint(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj.eval(), None, None, None, [f"{path.name}: trusted pickled module (--trust-pickle)"])
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path.name} holds a {type(obj).__name__}, not a model; save model.state_dict()")
+    if "state_dict" in obj and "arch" in obj:
+        return _load_bundle(obj, path, arch)
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BadInput(f"{path.name} is a dict but not a state_dict (keys: {list(obj)[:4]}); "
+                       "save model.state_dict() or {'arch': ..., 'state_dict': ...}")
+    notes = []
+    if arch is None:
+        arch = match_arch(obj)
+        notes.append(f"architecture {arch} matched the state_dict's parameter names and shapes")
+    model, shape = build_arch(arch, _classifier_width(obj))
+    _load_state_dict(model, obj, path.name)
+    return LoadedModel(model.eval(), arch, _classifier_width(obj), shape, notes)
+
+
+def _load_bundle(obj: dict, path: Path, arch_flag: str | None) -> LoadedModel:
+    arch = str(obj["arch"])
+    if arch_flag and arch_flag != arch:
+        raise BadInput(f"{path.name} records arch {arch}, but --arch says {arch_flag}; drop --arch")
+    ncls = obj.get("num_classes")
+    model, shape = build_arch(arch, ncls)
+    plan = obj.get("prune_plan")
+    notes = [f"{path.name}: {arch} checkpoint"]
+    if plan:
+        from deploy_prune.surgery import replay
+
+        shape = tuple(obj.get("input_shape") or shape or DEFAULT_INPUT_SHAPE)
+        replay(model, shape, {k: list(v) for k, v in plan.items()})
+        notes.append(f"{path.name}: deploy-prune pruned checkpoint ({len(plan)} layers narrowed)")
+    _load_state_dict(model, obj["state_dict"], path.name)
+    return LoadedModel(model.eval(), arch, ncls, shape, notes, plan)
+
+
+def save_pruned(path: Path, model: nn.Module, *, arch: str | None, num_classes: int | None,
+                input_shape: tuple[int, ...], plan: dict[str, list[int]]) -> None:
+    """Write ``pruned.pt``: weights + architecture plan, loadable with ``weights_only=True``."""
+    torch.save({"format": PRUNED_FORMAT, "arch": arch, "num_classes": num_classes, "input_shape": list(input_shape),
+                "prune_plan": plan, "state_dict": model.state_dict()}, path)

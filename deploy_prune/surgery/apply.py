@@ -1,0 +1,150 @@
+"""Removing channels: the one place that edits modules.
+
+``prune_channels`` takes the analysis and the set of channel classes to remove, and rewrites every member of
+each class (producer outputs, consumer inputs, norm layers, depthwise convs, parameters read by the forward).
+The change is recorded as ``{producer layer: removed output indices}``: replaying that plan on a freshly built
+architecture (:func:`replay`) gives the same pruned network, which is how ``pruned.pt`` loads without pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from deploy_prune.errors import DeployPruneError
+from deploy_prune.surgery.graph import DependencyGraph, analyze
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    name: str
+    before: int
+    after: int
+    kept: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "out_channels_before": self.before, "out_channels_after": self.after,
+                "kept": list(self.kept)}
+
+
+def _keep(labels: torch.Tensor, graph: DependencyGraph, removed: set[int]) -> torch.Tensor:
+    roots = graph.el.roots(labels)
+    return torch.tensor([i for i, r in enumerate(roots.tolist()) if r not in removed], dtype=torch.long)
+
+
+def _set_param(m: nn.Module, attr: str, value: torch.Tensor | None) -> None:
+    old = getattr(m, attr, None)
+    if old is None or value is None:
+        return
+    if isinstance(old, nn.Parameter):
+        setattr(m, attr, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+    else:
+        setattr(m, attr, value.detach().clone())
+
+
+def _slice(m: nn.Module, attr: str, idx: torch.Tensor, dim: int = 0) -> None:
+    t = getattr(m, attr, None)
+    if isinstance(t, torch.Tensor):
+        _set_param(m, attr, t.detach().index_select(dim, idx))
+
+
+def prune_channels(model: nn.Module, graph: DependencyGraph, removed: set[int]) -> list[LayerChange]:
+    """Remove the channel classes ``removed`` (roots from ``graph``) from ``model`` in place.
+
+    ``model`` must be the module ``graph`` was built from. Returns one :class:`LayerChange` per producer layer
+    whose width changed, in graph order.
+    """
+    removed = {graph.el.find(r) for r in removed}
+    if not removed:
+        return []
+    out_keep = {n: _keep(ids, graph, removed) for n, ids in graph.producer_ids.items()}
+    reads: dict[tuple[str, str], torch.Tensor] = {}
+    for c in graph.consumers:
+        k = _keep(c.labels, graph, removed)
+        prev = reads.get((c.name, c.role))
+        if prev is not None and not torch.equal(prev, k):
+            raise DeployPruneError(f"layer '{c.name}' is called on inputs pruned differently; use --ignore "
+                                   f"{c.name}")
+        reads[(c.name, c.role)] = k
+    for (name, role), k in reads.items():
+        m = model.get_submodule(name)
+        if role == "in":
+            if isinstance(m, nn.Linear):
+                _slice(m, "weight", k, 1)
+                m.in_features = len(k)
+            else:
+                _slice(m, "weight", k, 1)
+                m.in_channels = len(k)
+        elif role == "dw":
+            _slice(m, "weight", k, 0)
+            _slice(m, "bias", k, 0)
+            m.in_channels = m.out_channels = m.groups = len(k)
+        elif role == "norm":
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                _slice(m, attr, k, 0)
+            if isinstance(m, nn.GroupNorm):
+                m.num_channels = len(k)
+            elif isinstance(m, nn.LayerNorm):
+                m.normalized_shape = (len(k),)
+            else:
+                m.num_features = len(k)
+    changes: list[LayerChange] = []
+    for name in graph.order:
+        k = out_keep[name]
+        before = len(graph.producer_ids[name])
+        if len(k) == before:
+            continue
+        m = model.get_submodule(name)
+        _slice(m, "weight", k, 0)
+        _slice(m, "bias", k, 0)
+        if isinstance(m, nn.Linear):
+            m.out_features = len(k)
+        else:
+            m.out_channels = len(k)
+        changes.append(LayerChange(name, before, len(k), tuple(k.tolist())))
+    for p in graph.params.values():
+        roots = graph.el.roots(p.ids)
+        mask = torch.isin(roots, torch.tensor(sorted(removed), dtype=torch.long))
+        if not bool(mask.any()):
+            continue
+        dims = [d for d in range(mask.dim()) if mask.shape[d] > 1 and bool((mask != mask.narrow(d, 0, 1)).any())]
+        if len(dims) != 1:
+            raise DeployPruneError(f"cannot slice tensor '{p.name}' consistently; use --ignore on its layer")
+        d = dims[0]
+        idx = [0] * mask.dim()
+        idx[d] = slice(None)
+        keep = torch.nonzero(~mask[tuple(idx)].reshape(-1)).reshape(-1)
+        owner, _, attr = p.name.rpartition(".")
+        _slice(model.get_submodule(owner) if owner else model, attr, keep, d)
+    return changes
+
+
+def removed_plan(graph: DependencyGraph, removed: set[int]) -> dict[str, list[int]]:
+    """``{producer layer: removed output indices}``: a portable record of a pruning decision."""
+    roots = {graph.el.find(r) for r in removed}
+    plan: dict[str, list[int]] = {}
+    for name, ids in graph.producer_ids.items():
+        gone = [i for i, r in enumerate(graph.el.roots(ids).tolist()) if r in roots]
+        if gone:
+            plan[name] = gone
+    return plan
+
+
+def roots_from_plan(graph: DependencyGraph, plan: dict[str, list[int]]) -> set[int]:
+    roots: set[int] = set()
+    for name, idx in plan.items():
+        if name not in graph.producer_ids:
+            raise DeployPruneError(f"the pruning plan names layer '{name}', which this architecture lacks")
+        ids = graph.producer_ids[name]
+        for i in idx:
+            roots.add(graph.el.find(int(ids[i])))
+    return roots
+
+
+def replay(model: nn.Module, input_shape: tuple[int, ...], plan: dict[str, list[int]]) -> nn.Module:
+    """Re-apply a recorded plan to a freshly built (unpruned) ``model``, in place; returns it."""
+    graph = analyze(model, input_shape)
+    prune_channels(model, graph, roots_from_plan(graph, plan))
+    return model
