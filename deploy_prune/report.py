@@ -1,0 +1,478 @@
+"""Render a run's results: ``report.json`` (validated against the v1 schema), ``report.md`` and plots.
+
+Rendering is pure: everything shown comes from the ``report`` dict, the :class:`~deploy_prune.bench.BenchResult`
+and the ``extras`` passed in; nothing is measured here. Plots use matplotlib's object API with the Agg canvas
+(no pyplot, so no global backend switch and no display needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from deploy_prune.bench import BenchResult
+from deploy_prune.errors import DeployPruneError
+
+__all__ = ["KINDS", "validate_report", "verdict", "write_report"]
+
+#: The variant kinds of a report, in display order.
+KINDS = ("dense", "unstructured", "structured")
+_COLORS = {"dense": "#7f7f7f", "unstructured": "#ff7f0e", "structured": "#1f77b4"}
+_MAX_LAYER_ROWS = 40
+_MAX_SCHEMA_ERRORS = 5
+# Speedups within this band of 1.0 are reported as "no measurable speedup": run-to-run noise on a shared
+# machine is a few percent (docs/deploy.md §3, §7).
+_NOISE = 0.10
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    """The report schema shipped inside the package (``deploy_prune/report.schema.json``)."""
+    text = resources.files("deploy_prune").joinpath("report.schema.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def validate_report(report: Mapping[str, Any]) -> None:
+    """Check a report against ``report.schema.json`` and the contract's one-variant-per-kind rule.
+
+    Extra keys beyond the schema (``verdict``, ``cleanup``, ``notes``, ``bench``, ...) are allowed.
+
+    Args:
+        report: the ``report.json`` content.
+
+    Raises:
+        DeployPruneError: the report does not conform; the message lists the first few problems with their
+            JSON paths.
+    """
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(report), key=lambda e: [str(p) for p in e.absolute_path])
+    problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errors]
+    if not problems:
+        # The schema cannot say "exactly one of each kind"; the contract (cli.md) does.
+        kinds = [v.get("kind") for v in report["variants"]]
+        if sorted(kinds) != sorted(KINDS):
+            problems.append(f"variants: need exactly one each of {', '.join(KINDS)}, got {', '.join(map(str, kinds))}")
+    if problems:
+        shown = "; ".join(problems[:_MAX_SCHEMA_ERRORS])
+        more = f" (and {len(problems) - _MAX_SCHEMA_ERRORS} more)" if len(problems) > _MAX_SCHEMA_ERRORS else ""
+        raise DeployPruneError(f"report does not match report.schema.json v1: {shown}{more}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# formatting helpers
+
+
+def _by_kind(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["kind"]: v for v in report.get("variants", [])}
+
+
+def _ordered(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Variants in display order: dense, unstructured, structured, then anything else."""
+    rank = {k: i for i, k in enumerate(KINDS)}
+    return sorted(report.get("variants", []), key=lambda v: rank.get(v.get("kind"), len(KINDS)))
+
+
+def _x(speedup: float) -> str:
+    """Format a speedup: one decimal above 1 (3.7x), two below (0.97x)."""
+    return f"{speedup:.1f}x" if speedup >= 1 else f"{speedup:.2f}x"
+
+
+def _human(n: float, unit: str = "") -> str:
+    """1234567 → '1.23 M'; small numbers as integers."""
+    for div, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}{unit}"
+    return f"{n:.0f}{' ' + unit if unit else ''}"
+
+
+def _ms(x: float) -> str:
+    """Milliseconds with three significant digits (0.0277, 3.15, 102.7)."""
+    return f"{x:.1f}" if x >= 100 else f"{x:.3g}"
+
+
+def _bytes(n: int) -> str:
+    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.1f} {suffix}"
+    return f"{n} B"
+
+
+def _accuracy(a: float | None) -> str:
+    """Accuracies are top-1 percentages (0-100), as the pipeline's evaluation reports them."""
+    if a is None:
+        return "unknown (no --data)"
+    return f"{a:.2f}%"
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def verdict(report: Mapping[str, Any]) -> str:
+    """One line that answers "did pruning make it faster?" from a report's variants.
+
+    Example: ``structured: 3.7x faster at 27% of the MACs; unstructured at the same non-zero count: 1.0x —
+    dense kernels do not skip zeros``. Speedups within ±10% of 1.0 are called "no measurable speedup"; failed
+    parity checks are appended as a warning.
+
+    Args:
+        report: a report dict with ``variants`` (kinds ``dense``/``unstructured``/``structured``).
+
+    Returns:
+        The verdict sentence (no trailing period).
+    """
+    v = _by_kind(report)
+    dense, st, un = v.get("dense"), v.get("structured"), v.get("unstructured")
+    parts: list[str] = []
+    if st is not None:
+        sp = float(st["speedup_vs_dense"])
+        macs = f"{100 * st['macs'] / dense['macs']:.0f}% of the MACs" if dense and dense.get("macs") else "fewer MACs"
+        if sp >= 1 + _NOISE:
+            parts.append(f"structured: {_x(sp)} faster at {macs}")
+        elif sp <= 1 - _NOISE:
+            parts.append(f"structured: {_x(sp)}, slower than dense at {macs}")
+        else:
+            parts.append(
+                f"structured: {_x(sp)} at {macs}, no measurable speedup "
+                "(channel counts that miss the kernels' block size run at the padded size)"
+            )
+        if dense and dense.get("accuracy") is not None and st.get("accuracy") is not None:
+            parts[-1] += f", accuracy {_accuracy(dense['accuracy'])} → {_accuracy(st['accuracy'])}"
+    if un is not None:
+        sp = float(un["speedup_vs_dense"])
+        if abs(sp - 1) < _NOISE:
+            parts.append(f"unstructured at the same non-zero count: {_x(sp)} — dense kernels do not skip zeros")
+        else:
+            parts.append(f"unstructured at the same non-zero count: {_x(sp)}")
+    failed = [x["kind"] for x in _ordered(report) if not x.get("parity", {}).get("ok", True)]
+    if failed:
+        parts.append(f"WARNING: ONNX parity failed for {', '.join(failed)}")
+    return "; ".join(parts) if parts else "no variants to compare"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _samples_for(variant: Mapping[str, Any], bench: BenchResult) -> list[float] | None:
+    """The bench samples of a variant: looked up by kind, then by the ONNX file's name or stem."""
+    onnx = str(variant.get("onnx", ""))
+    for key in (variant.get("kind"), Path(onnx).stem, Path(onnx).name, onnx):
+        if key in bench.samples:
+            return bench.samples[key]
+    return None
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_latency(path: Path, variants: Sequence[Mapping[str, Any]], bench: BenchResult) -> None:
+    """Left: per-run latency distribution per variant (box plot); right: p50 bars with speedup labels."""
+    fig = _new_figure(10, 4.2)
+    ax_box, ax_bar = fig.subplots(1, 2)
+    kinds = [v["kind"] for v in variants]
+    colors = [_COLORS.get(k, "#2ca02c") for k in kinds]
+
+    data = [_samples_for(v, bench) or [v["latency_ms"]["p50"]] for v in variants]
+    box = ax_box.boxplot(data, patch_artist=True, showfliers=True, flierprops={"markersize": 2, "alpha": 0.5})
+    for patch, color in zip(box["boxes"], colors):
+        patch.set_facecolor(color)
+        patch.set_alpha(0.6)
+    ax_box.set_xticks(range(1, len(kinds) + 1), kinds)
+    ax_box.set_ylabel("latency per run (ms)")
+    ax_box.set_title(f"per-run latency (n={variants[0]['latency_ms']['n'] if variants else 0} each)")
+    ax_box.set_ylim(bottom=0)
+    ax_box.grid(axis="y", alpha=0.3)
+
+    p50 = [float(v["latency_ms"]["p50"]) for v in variants]
+    bars = ax_bar.bar(kinds, p50, color=colors, alpha=0.8)
+    for bar, v in zip(bars, variants):
+        ax_bar.annotate(
+            f"{_ms(v['latency_ms']['p50'])} ms\n{_x(float(v['speedup_vs_dense']))}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    ax_bar.set_ylabel("p50 latency (ms)")
+    ax_bar.set_title("p50 latency and speedup vs dense")
+    fig.suptitle(f"ONNX Runtime latency on {bench.provider}, input {'x'.join(map(str, bench.input_shape))}")
+    ax_bar.set_ylim(0, max(p50, default=1) * 1.25)
+    ax_bar.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
+def _plot_latency_vs_macs(path: Path, variants: Sequence[Mapping[str, Any]], bench: BenchResult) -> None:
+    """p50 against MACs: structured moves down with the MACs, unstructured stays at the dense latency."""
+    fig = _new_figure(7, 4.8)
+    ax = fig.subplots()
+    dense = next((v for v in variants if v["kind"] == "dense"), None)
+    # dense and unstructured usually sit on the same spot (that is the point of the plot): distinct markers
+    # and label offsets keep both readable.
+    style = {
+        "dense": {"marker": "s", "s": 150, "facecolors": "none", "offset": (-10, -24), "ha": "right"},
+        "unstructured": {"marker": "o", "s": 60, "offset": (10, 8), "ha": "left"},
+    }
+    default = {"marker": "o", "s": 70, "offset": (10, 4), "ha": "left"}
+    for v in variants:
+        st = style.get(v["kind"], default)
+        color = _COLORS.get(v["kind"], "#2ca02c")
+        macs, p50 = v["macs"] / 1e6, float(v["latency_ms"]["p50"])
+        face = st.get("facecolors", color)
+        ax.scatter([macs], [p50], s=st["s"], marker=st["marker"], facecolors=face, edgecolors=color, lw=2, zorder=3)
+        ax.annotate(
+            f"{v['kind']}: {_x(float(v['speedup_vs_dense']))}\n{_human(v['nonzero_params'])} non-zero params",
+            (macs, p50),
+            textcoords="offset points",
+            xytext=st["offset"],
+            ha=st["ha"],
+            fontsize=8,
+            color=color,
+        )
+    max_macs = max((v["macs"] / 1e6 for v in variants), default=1.0)
+    max_p50 = max((float(v["latency_ms"]["p50"]) for v in variants), default=1.0)
+    if dense is not None and dense["macs"] > 0:
+        d_macs, d_p50 = dense["macs"] / 1e6, float(dense["latency_ms"]["p50"])
+        ax.axhline(d_p50, color=_COLORS["dense"], ls="--", lw=1, label="dense latency")
+        # What latency would be if it scaled with MACs: the naive expectation a FLOP count suggests.
+        ax.plot([0, d_macs * 1.3], [0, d_p50 * 1.3], color="k", ls=":", lw=1, label="latency ∝ MACs")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, max_macs * 1.3)
+    ax.set_ylim(0, max_p50 * 1.3)
+    ax.set_xlabel("MACs per input batch (millions)")
+    ax.set_ylabel("p50 latency (ms)")
+    ax.set_title(f"latency vs MACs on {bench.provider}: fewer non-zeros ≠ faster")
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# markdown
+
+
+def _cleanup_rows(cleanup: Any) -> list[tuple[str, Mapping[str, Any]]]:
+    """Accept one cleanup result (``{"nodes_before", ...}``) or a mapping of variant name → result."""
+    if not isinstance(cleanup, Mapping) or not cleanup:
+        return []
+    if "nodes_before" in cleanup:
+        return [("model", cleanup)]
+    return [(str(k), c) for k, c in cleanup.items() if isinstance(c, Mapping) and "nodes_before" in c]
+
+
+def _skipped_rows(skipped: Any) -> list[tuple[str, str]]:
+    """Accept ``{name: reason}``, ``[{"name", "reason"}]`` or ``[name, ...]``."""
+    if isinstance(skipped, Mapping):
+        return [(str(k), str(r)) for k, r in skipped.items()]
+    rows: list[tuple[str, str]] = []
+    for item in skipped or []:
+        if isinstance(item, Mapping):
+            rows.append((str(item.get("name", "?")), str(item.get("reason", ""))))
+        else:
+            rows.append((str(item), ""))
+    return rows
+
+
+def _op_delta(c: Mapping[str, Any]) -> str:
+    before, after = c.get("op_counts_before", {}), c.get("op_counts_after", {})
+    changes = [f"{op} {before.get(op, 0)}→{after.get(op, 0)}" for op in sorted(set(before) | set(after))
+               if before.get(op, 0) != after.get(op, 0)]
+    return ", ".join(changes) if changes else "no change"
+
+
+def _markdown(
+    report: Mapping[str, Any], bench: BenchResult, extras: Mapping[str, Any], plots: Iterable[str]
+) -> str:
+    def opt(key: str) -> Any:
+        return extras.get(key, report.get(key))
+
+    env = report["environment"]
+    shape = "x".join(str(d) for d in report["input_shape"])
+    lines = [
+        f"# deploy-prune report: `{report['model']}` — {report['criterion']} pruning",
+        "",
+        f"Criterion **{report['criterion']}**, ratio {report['ratio']:g}, input {shape}, "
+        f"provider {env['provider']}.",
+        "",
+        f"**Verdict:** {report.get('verdict') or verdict(report)}",
+        "",
+        "## Variants",
+        "",
+        "| kind | file | params | non-zero | MACs | ONNX size | p50 ms | p90 ms | p99 ms | speedup | accuracy "
+        "| parity max\\|Δ\\| | parity |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for v in _ordered(report):
+        lat, par = v["latency_ms"], v["parity"]
+        lines.append(
+            f"| {v['kind']} | `{_md_escape(Path(v['onnx']).name)}` | {v['params']:,} | {v['nonzero_params']:,} "
+            f"| {_human(v['macs'])} | {_bytes(v['onnx_bytes'])} | {_ms(lat['p50'])} | {_ms(lat['p90'])} "
+            f"| {_ms(lat['p99'])} | {_x(float(v['speedup_vs_dense']))} | {_accuracy(v['accuracy'])} "
+            f"| {par['max_abs_diff']:.2e} | {'ok' if par['ok'] else '**FAILED**'} |"
+        )
+    before_ft = opt("accuracy_before_finetune")
+    if isinstance(before_ft, Mapping):
+        shown = ", ".join(f"{k} {_accuracy(a)}" for k, a in before_ft.items() if a is not None)
+        if shown:
+            lines += ["", f"Accuracy before finetuning: {shown}."]
+    elif isinstance(before_ft, (int, float)):
+        lines += ["", f"Accuracy before finetuning: {_accuracy(float(before_ft))}."]
+
+    cleanup = _cleanup_rows(opt("cleanup"))
+    if cleanup:
+        lines += [
+            "",
+            "## ONNX cleanup",
+            "",
+            "onnx-graphsurgeon constant folding, Identity removal and dead-node cleanup. This is tidiness, not "
+            "speed: ONNX Runtime applies the same rewrites when it loads a model.",
+            "",
+            "| model | nodes before | nodes after | op changes |",
+            "|---|---:|---:|---|",
+        ]
+        lines += [
+            f"| {_md_escape(name)} | {c['nodes_before']} | {c['nodes_after']} | {_op_delta(c)} |" for name, c in cleanup
+        ]
+
+    layers = report.get("layers", [])
+    lines += ["", "## Pruned layers", ""]
+    if layers:
+        lines += ["| layer | out channels before → after | kept |", "|---|---|---:|"]
+        for layer in layers[:_MAX_LAYER_ROWS]:
+            b, a = layer["out_channels_before"], layer["out_channels_after"]
+            lines.append(f"| `{_md_escape(layer['name'])}` | {b} → {a} | {100 * a / b:.0f}% |")
+        if len(layers) > _MAX_LAYER_ROWS:
+            lines += ["", f"Showing the first {_MAX_LAYER_ROWS} of {len(layers)} layers; report.json lists all."]
+    else:
+        lines.append("No layer was pruned.")
+
+    skipped = _skipped_rows(opt("skipped_layers"))
+    if skipped:
+        lines += ["", "## Layers left alone", "", "| layer | reason |", "|---|---|"]
+        lines += [f"| `{_md_escape(n)}` | {_md_escape(r)} |" for n, r in skipped]
+
+    notes = opt("notes")
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {n}" for n in ([notes] if isinstance(notes, str) else notes)]
+
+    lines += ["", "## Environment", "", "| | |", "|---|---|"]
+    lines.append(f"| execution provider (what really ran) | {env['provider']} |")
+    lines.append(f"| onnxruntime | {env['onnxruntime']} |")
+    lines.append(f"| torch | {env['torch']} |")
+    lines.append(f"| intra-op threads | {env['intra_op_threads']} |")
+    for key, value in env.items():
+        if key not in ("provider", "onnxruntime", "torch", "intra_op_threads"):
+            lines.append(f"| {_md_escape(key)} | {_md_escape(value)} |")
+    method = (report.get("bench") or {}).get("method") or bench.method
+    lines += ["", f"How the benchmark ran: {method}"]
+
+    lines += ["", "## Plots", ""]
+    for p in plots:
+        lines += [f"![{Path(p).stem}]({p})", ""]
+
+    lines += [
+        "",
+        "## How to read this report",
+        "",
+        "- **Latency** is per inference of one input batch; p50 is the median of the kept runs. **Speedup** is "
+        "dense p50 ÷ variant p50, all variants measured in the same interleaved run. Differences of a few "
+        "percent are within run-to-run noise.",
+        "- **Unstructured** pruning zeroes individual weights but keeps every tensor's shape, so the file is the "
+        "same size and dense kernels multiply the zeros anyway: expect dense latency at a lower non-zero count.",
+        "- **Structured** pruning removes whole channels, so tensors, MACs and the file shrink. The speedup also "
+        "depends on channel counts fitting the kernels' block sizes (multiples of 8 or 16).",
+        "- **Parity** compares ONNX Runtime with PyTorch on the same inputs (max |Δ|; ok means within 1e-3 "
+        "relative to the output's magnitude). Accuracy is unknown unless the run was given `--data`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+
+# Optional extras copied into report.json when the report does not carry them already.
+_EXTRA_KEYS = ("cleanup", "accuracy_before_finetune", "skipped_layers", "notes")
+
+
+def write_report(
+    out_dir: Path, report: Mapping[str, Any], bench: BenchResult, extras: Mapping[str, Any] | None = None
+) -> list[Path]:
+    """Write ``report.json``, ``report.md``, ``latency_samples.json`` and the plots into ``out_dir``.
+
+    The caller's ``report`` is not modified. The written ``report.json`` adds ``verdict`` (from
+    :func:`verdict` unless given), ``bench`` (how the latencies were measured) and the optional extras
+    ``cleanup``, ``accuracy_before_finetune``, ``skipped_layers`` and ``notes``; it is validated first.
+
+    Args:
+        out_dir: the folder (created if needed).
+        report: the report per ``report.schema.json`` (extra keys allowed).
+        bench: the benchmark run the latencies came from (its raw samples feed the box plot).
+        extras: optional ``cleanup`` (one :func:`~deploy_prune.export.cleanup_onnx` result or a mapping of
+            variant → result), ``accuracy_before_finetune`` (number or mapping), ``skipped_layers``
+            (``{name: reason}`` or a list), ``notes`` (list of strings) and ``plots`` (names of extra PNG
+            files already in ``out_dir`` to embed).
+
+    Returns:
+        The paths written, ``report.json`` first.
+
+    Raises:
+        DeployPruneError: the report fails validation or holds values JSON cannot represent (NaN, inf).
+    """
+    out_dir = Path(out_dir)
+    extras = dict(extras or {})
+    rep: dict[str, Any] = copy.deepcopy(dict(report))
+    for key in _EXTRA_KEYS:
+        if key in extras and key not in rep:
+            rep[key] = copy.deepcopy(extras[key])
+    bench_info = dict(rep.get("bench") or {})
+    for key, value in bench.to_dict().items():
+        if key != "latency_ms":
+            bench_info.setdefault(key, value)
+    rep["bench"] = bench_info
+    validate_report(rep)
+    rep.setdefault("verdict", verdict(rep))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report_json = json.dumps(rep, indent=2, allow_nan=False)
+        samples_json = json.dumps(
+            {"unit": "ms", "provider": bench.provider, "samples": bench.samples}, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise DeployPruneError(f"report cannot be written as JSON: {exc}") from exc
+
+    written: list[Path] = []
+    for name, text in (("report.json", report_json + "\n"), ("latency_samples.json", samples_json + "\n")):
+        (out_dir / name).write_text(text, encoding="utf-8")
+        written.append(out_dir / name)
+
+    variants = _ordered(rep)
+    _plot_latency(out_dir / "latency.png", variants, bench)
+    _plot_latency_vs_macs(out_dir / "latency_vs_macs.png", variants, bench)
+    plots = ["latency.png", "latency_vs_macs.png"]
+    written += [out_dir / p for p in plots]
+    plots += [str(p) for p in extras.get("plots", []) if str(p) not in plots]
+
+    md = out_dir / "report.md"
+    md.write_text(_markdown(rep, bench, extras, plots), encoding="utf-8")
+    written.insert(1, md)
+    return written

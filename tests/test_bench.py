@@ -1,0 +1,185 @@
+"""Provider resolution, sessions and the interleaved benchmark on tiny ONNX models built with onnx.helper.
+
+No timing is asserted: only the protocol (sample counts, ordering of statistics, what is recorded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from deploy_prune.bench import (
+    CPU,
+    BenchResult,
+    LatencyStats,
+    bench_files,
+    benchmark,
+    make_session,
+    resolve_provider,
+)
+from deploy_prune.errors import BadInput
+
+CUDA_HERE = torch.cuda.is_available()
+
+
+def conv_model(path: Path, channels: int, *, batch: int | str = "batch", hw: int = 16) -> Path:
+    """Conv(3→C)-Relu-Conv(C→C)-Relu-GlobalAveragePool, written at IR 10 / opset 18."""
+    rng = np.random.default_rng(channels)
+    w1 = numpy_helper.from_array(0.3 * rng.standard_normal((channels, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(0.1 * rng.standard_normal((channels, channels, 3, 3)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"conv{channels}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, hw, hw])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, channels, 1, 1])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bench")
+    return {
+        "dense": conv_model(d / "dense.onnx", 16),
+        "structured": conv_model(d / "structured.onnx", 8),
+        "big": conv_model(d / "big.onnx", 8, hw=32),
+        "static4": conv_model(d / "static4.onnx", 8, batch=4),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# providers and sessions
+
+
+def test_resolve_provider_cpu_and_auto() -> None:
+    assert resolve_provider("cpu") == CPU
+    assert resolve_provider("CPUExecutionProvider") == CPU
+    expected = "CUDAExecutionProvider" if CUDA_HERE else CPU
+    assert resolve_provider("auto") == expected
+
+
+@pytest.mark.skipif(CUDA_HERE, reason="CUDA really runs on this machine")
+def test_resolve_provider_cuda_without_gpu_is_bad_input() -> None:
+    # onnxruntime-gpu advertises CUDA here, but a session would silently run on CPU.
+    with pytest.raises(BadInput, match=r"CUDA execution provider cannot run here \(.+\): use --provider cpu or auto"):
+        resolve_provider("cuda")
+
+
+def test_resolve_provider_unknown_name() -> None:
+    with pytest.raises(BadInput, match="choose auto, cpu or cuda"):
+        resolve_provider("tpu")
+
+
+def test_make_session_options(models: dict[str, Path]) -> None:
+    session = make_session(models["dense"], "cpu", threads=1)
+    assert session.get_providers()[0] == CPU
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_make_session_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="no such ONNX file"):
+        make_session(tmp_path / "nope.onnx", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# statistics and the benchmark
+
+
+def test_latency_stats_from_known_samples() -> None:
+    stats = LatencyStats.from_samples([float(v) for v in range(1, 101)])
+    assert (stats.min, stats.p50, stats.n) == (1.0, 50.5, 100)
+    assert stats.p90 == pytest.approx(90.1) and stats.p99 == pytest.approx(99.01)
+    assert stats.mean == pytest.approx(50.5)
+    assert set(stats.to_dict()) == {"p50", "p90", "p99", "mean", "std", "min", "n"}
+
+
+def test_benchmark_protocol(models: dict[str, Path]) -> None:
+    result = benchmark(
+        {"dense": models["dense"], "structured": models["structured"]},
+        (1, 3, 16, 16),
+        iters=13,  # not a multiple of block - drop: the last round is partial
+        warmup=2,
+        block=4,
+        drop=1,
+        threads=1,
+        progress=False,
+    )
+    assert isinstance(result, BenchResult)
+    assert result.provider == CPU
+    assert result.threads == 1
+    assert set(result.stats) == set(result.samples) == {"dense", "structured"}
+    for name, stats in result.stats.items():
+        assert stats.n == 13 == len(result.samples[name])
+        assert stats.min <= stats.p50 <= stats.p90 <= stats.p99
+        assert stats.min > 0 and stats.std >= 0
+    assert "blocks of 4" in result.method and "spinning off" in result.method
+    assert result.speedups("dense")["dense"] == 1.0
+    assert result.to_dict()["latency_ms"]["structured"]["n"] == 13
+
+
+def test_benchmark_rejects_bad_settings(models: dict[str, Path]) -> None:
+    with pytest.raises(BadInput, match="block > drop"):
+        benchmark({"dense": models["dense"]}, (1, 3, 16, 16), block=2, drop=2, progress=False)
+    with pytest.raises(BadInput, match="iters >= 1"):
+        benchmark({"dense": models["dense"]}, (1, 3, 16, 16), iters=0, progress=False)
+
+
+def test_benchmark_rejects_shape_the_model_cannot_take(models: dict[str, Path]) -> None:
+    with pytest.raises(BadInput, match="--input-shape"):
+        benchmark({"dense": models["dense"]}, (1, 3, 32, 32), iters=1, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench_files
+
+
+def test_bench_files_infers_shape_and_names(models: dict[str, Path]) -> None:
+    result = bench_files([models["dense"], models["structured"]], iters=3, warmup=1, block=3, drop=0, progress=False)
+    assert result.input_shape == (1, 3, 16, 16)  # the dynamic batch becomes 1
+    assert list(result.stats) == ["dense", "structured"]
+
+
+def test_bench_files_takes_static_batch_from_any_model(models: dict[str, Path]) -> None:
+    result = bench_files([models["structured"], models["static4"]], iters=2, warmup=0, block=2, drop=0, progress=False)
+    assert result.input_shape == (4, 3, 16, 16)
+
+
+def test_bench_files_rejects_bad_files(models: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="no such file"):
+        bench_files([models["dense"], tmp_path / "missing.onnx"], progress=False)
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    with pytest.raises(BadInput, match="notes.onnx: not"):
+        bench_files([text], progress=False)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(BadInput, match="not an ONNX model"):
+        bench_files([empty], progress=False)
+    with pytest.raises(BadInput, match="not a file"):
+        bench_files([tmp_path], progress=False)
+
+
+def test_bench_files_rejects_different_input_shapes(models: dict[str, Path]) -> None:
+    with pytest.raises(BadInput, match="input shapes differ"):
+        bench_files([models["dense"], models["big"]], progress=False)
+    with pytest.raises(BadInput, match="--input-shape"):
+        bench_files([models["static4"]], (1, 3, 16, 16), progress=False)
