@@ -1,0 +1,149 @@
+"""A plain supervised training loop with two hooks, and top-1 evaluation.
+
+The hooks are where the pruning methods plug in:
+
+* ``after_backward(model)`` runs between ``loss.backward()`` and ``optimizer.step()``: Network Slimming adds
+  its L1 subgradient ``lambda * sign(gamma)`` to the BN weight gradients there, as its official code does.
+* ``after_step(model)`` runs after every ``optimizer.step()``: the lottery-ticket search re-applies its masks
+  there, so pruned weights are exactly zero again before the next forward pass.
+
+Runs are deterministic on CPU: ``train`` seeds torch's global generator (dropout) and, when the loader has
+one, the loader's shuffling generator, so two calls with the same seed see the same batches in the same
+order.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from deploy_prune.errors import BadInput
+
+Hook = Callable[[nn.Module], None]
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, loader: DataLoader, *, max_batches: int | None = None) -> float:
+    """Top-1 accuracy in percent, in eval mode without gradients (the model's mode is restored after).
+
+    Args:
+        model: a classifier returning logits ``(N, classes)``.
+        loader: yields ``(inputs, labels)``.
+        max_batches: evaluate only the first this many batches (None = all).
+    """
+    was_training = model.training
+    device = _device(model)
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for i, (x, y) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                pred = model(x.to(device)).argmax(dim=1)
+                correct += int((pred == y.to(device)).sum())
+                total += int(y.numel())
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise BadInput("the evaluation data is empty: give --data a non-empty validation split")
+    return 100.0 * correct / total
+
+
+def _optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float
+               ) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise BadInput(f"unknown optimizer {name!r}: use sgd or adam")
+
+
+def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optimizer: str = "sgd",
+          momentum: float = 0.9, weight_decay: float = 0.0, after_backward: Hook | None = None,
+          after_step: Hook | None = None, seed: int | None = 0, desc: str = "finetune",
+          progress: bool = True) -> list[float]:
+    """Train ``model`` in place with cross-entropy; return the mean training loss of each epoch.
+
+    Args:
+        model: the classifier (left in train mode when done).
+        loader: yields ``(inputs, labels)``.
+        epochs: number of passes over ``loader`` (0 = nothing happens).
+        lr: constant learning rate (the pruning papers' finetuning schedules are constant or step decays;
+            a constant rate is what Li et al. use to retrain).
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: L2 penalty passed to the optimizer.
+        after_backward: called with the model after each ``backward()``, before the step.
+        after_step: called with the model after each optimizer step.
+        seed: seeds torch's global generator and the loader's shuffling generator (None = leave them).
+        desc: label of the progress bar.
+        progress: show a tqdm bar with the running loss on stderr.
+
+    Raises:
+        BadInput: unknown optimizer, negative epochs, or a loss that became NaN/inf (lower the LR).
+    """
+    if epochs < 0:
+        raise BadInput(f"epochs must be >= 0, got {epochs}")
+    if epochs == 0:
+        return []
+    # lazy: only training needs it. Plain tqdm, not tqdm.auto: tqdm.auto's asyncio wrapper calls iter() on
+    # the loader when the bar is built, which draws from the shuffling generator and shifts the data order.
+    from tqdm import tqdm
+
+    if seed is not None:
+        torch.manual_seed(seed)
+        gen = getattr(loader, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(seed)
+    device = _device(model)
+    opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
+    model.train()
+    losses: list[float] = []
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        bar: Any = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, file=sys.stderr,
+                        leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise BadInput(f"{desc}: the training loss became {value} at epoch {epoch + 1}, step {step + 1}: "
+                               f"lower the learning rate (now {lr})")
+            loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            opt.step()
+            if after_step is not None:
+                after_step(model)
+            total += value * y.shape[0]
+            count += y.shape[0]
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        losses.append(total / max(count, 1))
+    return losses
+
+
+def finetune(model: nn.Module, data: Any, epochs: int, lr: float = 1e-3, *, optimizer: str = "sgd",
+             momentum: float = 0.9, weight_decay: float = 1e-4, seed: int | None = 0,
+             progress: bool = True) -> list[float]:
+    """Finetune on ``data.train`` (a :class:`~deploy_prune.data.DataBundle`).
+
+    The default LR 1e-3 (constant, SGD momentum 0.9, weight decay 1e-4) is Li et al.'s retraining rate
+    (they retrain 40 epochs on CIFAR, 20 on ImageNet; RNP's ``main_finetune.py`` uses the same LR).
+    """
+    return train(model, data.train, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
+                 weight_decay=weight_decay, seed=seed, desc="finetune", progress=progress)
