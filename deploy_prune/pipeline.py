@@ -234,7 +234,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     from deploy_prune import export as exportmod
     from deploy_prune import report as reportmod
 
-    say = _Stages(opts.progress, 7)
+    say = _Stages(opts.progress, 6)
     provider = benchmod.resolve_provider(opts.provider)
     torch.manual_seed(opts.seed)
     say(f"loading {opts.model}")

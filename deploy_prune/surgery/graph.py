@@ -228,6 +228,7 @@ _MOVE_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "squeeze"
                  "expand_as", "chunk", "split", "unbind", "narrow", "size", "dim", "flip", "roll", "movedim",
                  "swapaxes", "unflatten", "tensor_split", "__getitem__", "numel"}
 _RESHAPES = {"view", "reshape", torch.reshape}
+_SLICING = {"split", "chunk", "tensor_split", "unbind", "narrow", "getitem", "__getitem__"}
 _REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
@@ -680,9 +681,31 @@ class _Propagator(fx.Interpreter):
                        else "a reshape that splits the channel dimension (e.g. channel shuffle)")
                 self.el.block(x, f"passes through {why} at node {self.node.name}")
             return out
-        if isinstance(target, str):
-            return getattr(x, target)(*args[1:], **kwargs)
-        return target(*args, **kwargs)
+        out = getattr(x, target)(*args[1:], **kwargs) if isinstance(target, str) else target(*args, **kwargs)
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if isinstance(x, torch.Tensor) and name in _SLICING:
+            self._check_slicing(name, x, args, kwargs)
+        return out
+
+    def _check_slicing(self, name: str, x: torch.Tensor, args: Any, kwargs: Any) -> None:
+        """Splitting or slicing along a channel dim fixes positions at trace time, but at run time the pruned
+        width decides where a chunk or ``x[:, :8]`` cuts, so channels there cannot be removed safely."""
+        varying = set(_varying_dims(x))
+        if not varying:
+            return
+        if name == "getitem" or name == "__getitem__":
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(i is Ellipsis or i is None or isinstance(i, torch.Tensor) for i in idx):
+                cut = varying  # advanced indexing: be conservative
+            else:
+                cut = {d for d, i in enumerate(idx) if not (isinstance(i, slice) and i == slice(None))}
+        else:
+            pos = 1 if name in ("unbind", "narrow") else 2  # torch.split(x, sizes, dim) / x.narrow(dim, ...)
+            dim = kwargs.get("dim", args[pos] if len(args) > pos else 0)
+            cut = {int(dim) % x.dim()} if isinstance(dim, int) else varying
+        if cut & varying:
+            assert self.node is not None
+            self.el.block(x, f"is split or sliced along the channel dimension at node {self.node.name}")
 
 
 def _build_groups(g: DependencyGraph) -> None:

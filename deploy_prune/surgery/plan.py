@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from deploy_prune.criteria.base import Criterion
 from deploy_prune.surgery.graph import DependencyGraph, Group
+
+if TYPE_CHECKING:  # criteria import the surgery package; only the type is needed here
+    from deploy_prune.criteria.base import Criterion
 
 
 @dataclass(frozen=True)
@@ -49,35 +52,46 @@ def _group_ratio(group: Group, cfg: PlanConfig) -> float:
 
 
 def _lowest(scores: torch.Tensor, n_remove: int) -> list[int]:
-    # stable: ties broken by channel order, so the same scores always give the same choice
-    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
+    """The ``n_remove`` lowest finite scores (an infinite score means "never prune", e.g. slimming on a channel
+    with no BatchNorm). Ties are broken by channel order, so the same scores always give the same choice."""
+    finite = [i for i in range(len(scores)) if math.isfinite(float(scores[i]))]
+    order = sorted(finite, key=lambda i: (float(scores[i]), i))
     return order[:n_remove]
 
 
+def _check(criterion: Criterion, g: Group, s: torch.Tensor) -> torch.Tensor:
+    if s.shape != (g.size,):
+        raise ValueError(f"criterion {criterion.name} returned {tuple(s.shape)} scores for {g.size} channels")
+    return s.float()
+
+
 def select(graph: DependencyGraph, criterion: Criterion, cfg: PlanConfig) -> set[int]:
-    """Return the channel roots to remove."""
+    """Return the channel roots to remove.
+
+    Local scope: each group keeps :func:`kept_count` of its channels. Global scope (Network Slimming): the
+    ``ratio`` share of all finitely-scored channels with the lowest scores is chosen across the whole network
+    (exactly ``int(total * ratio)``, ties broken by graph order), then each group's count is adjusted to the
+    same limits as local pruning (never empty, ``max_layer_ratio``, ``round_to``).
+    """
     removed: set[int] = set()
     if criterion.scope == "global" and not cfg.layer_ratios:
-        scored = [(g, criterion.score(graph, g, frozenset())) for g in graph.groups]
-        if not scored:
-            return removed
-        allv = torch.cat([s.float().reshape(-1) for _, s in scored])
-        k = int(len(allv) * cfg.ratio)
-        if k <= 0:
-            return removed
-        thr = torch.sort(allv).values[k - 1]
-        for g, s in scored:
-            below = int((s.float() <= thr).sum())
-            share = below / g.size
-            keep = kept_count(g.size, share, cfg, g.multiple_of) if below else g.size
+        scored = [(g, _check(criterion, g, criterion.score(graph, g, frozenset()))) for g in graph.groups]
+        pool = [(float(s[i]), gi, i) for gi, (g, s) in enumerate(scored) for i in range(g.size)
+                if math.isfinite(float(s[i]))]
+        k = int(len(pool) * cfg.ratio + 1e-9)
+        below = [0] * len(scored)
+        for _, gi, _ in sorted(pool)[:k]:
+            below[gi] += 1
+        for (g, s), n_below in zip(scored, below):
+            if n_below == 0:
+                continue
+            keep = kept_count(g.size, n_below / g.size, cfg, g.multiple_of)
             removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
         return removed
     for g in graph.groups:
         keep = kept_count(g.size, _group_ratio(g, cfg), cfg, g.multiple_of)
         if keep >= g.size:
             continue
-        s = criterion.score(graph, g, frozenset(removed))
-        if s.shape != (g.size,):
-            raise ValueError(f"criterion {criterion.name} returned {tuple(s.shape)} scores for {g.size} channels")
+        s = _check(criterion, g, criterion.score(graph, g, frozenset(removed)))
         removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
     return removed

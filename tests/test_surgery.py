@@ -1,0 +1,354 @@
+"""Channel surgery on one tiny model per topology.
+
+The central check is independent of the bookkeeping: before pruning, every weight that *reads* a channel we
+are about to remove is set to zero, so those channels carry no signal. Removing them must then leave the
+output unchanged (to float rounding). A wrong index anywhere — a concat offset, a split, flatten into linear,
+a depthwise conv, a residual partner — breaks that equality.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deploy_prune.criteria import ScoreContext, create
+from deploy_prune.errors import UnsupportedModel
+from deploy_prune.export import export_onnx, parity
+from deploy_prune.surgery import PlanConfig, analyze, prune_channels, removed_plan, replay, select
+
+torch.manual_seed(0)
+
+
+def cbr(cin: int, cout: int, **kw: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Plain(nn.Module):
+    """conv-BN-ReLU x2, flatten straight into a linear layer (each channel is 16 linear inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 16), cbr(16, 16)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.b(self.pool(self.a(x)))), 1))
+
+
+class Residual3(nn.Module):
+    """A residual add with three branches: x + f(x) + g(x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.f = nn.Sequential(cbr(16, 16), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.g = nn.Sequential(nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(F.relu(x + self.f(x) + self.g(x)))
+
+
+class Concat(nn.Module):
+    """Inception/DenseNet-style: three branches concatenated, then a conv reading all of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.b1, self.b2, self.b3 = cbr(8, 8), cbr(8, 16), cbr(8, 8)
+        self.mix = cbr(8 + 8 + 16 + 8, 16)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(self.mix(torch.cat([x, self.b1(x), self.b2(x), self.b3(x)], 1)))
+
+
+class SplitShuffle(nn.Module):
+    """ShuffleNet-V2-style: chunk in two, transform one half, concatenate, channel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.branch = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                    nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16),
+                                    nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.out = cbr(16, 16)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(self.out(y))
+
+
+class DepthwiseGrouped(nn.Module):
+    """MobileNet-style inverted residual with a depthwise conv, plus a grouped conv (groups=4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        return self.head(self.grouped(x))
+
+
+class SE(nn.Module):
+    """Squeeze-and-excitation: the excitation's output width is coupled to the block's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.body = cbr(16, 16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(self.stem(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(y * s)
+
+
+class Norms(nn.Module):
+    """GroupNorm (kept widths stay divisible by its groups) and LayerNorm over a linear hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.fc1, self.ln, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.adaptive_avg_pool2d(F.relu(self.gn(self.conv(x))), 1).flatten(1)
+        return self.fc2(F.gelu(self.ln(self.fc1(y))))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise 7x7, permute to NHWC, LayerNorm, Linear-GELU-Linear, layer scale, residual."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1, self.pw2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim, 1, 1) + 0.5)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.pw2(F.gelu(self.pw1(self.norm(y)))).permute(0, 3, 1, 2)
+        x = x + self.gamma * y
+        return self.head(x.mean((2, 3)))
+
+
+class HardCodedView(nn.Module):
+    """A LeNet-style hard-coded reshape: the channels feeding it must be left alone (and say why)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 16)
+        self.fc = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool2d(self.b(F.max_pool2d(self.a(x), 2)), 2)
+        return self.fc(y.view(-1, 16 * 4 * 4))
+
+
+SHAPE = (1, 3, 16, 16)
+MODELS = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, Norms, ConvNeXtBlock, HardCodedView]
+# models whose every op is per-channel (no LayerNorm/GroupNorm mixing channels), for the silent-channel test
+PER_CHANNEL = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, HardCodedView]
+
+
+def _trained_stats(model: nn.Module) -> nn.Module:
+    """Give BN layers non-trivial statistics and put the model in eval mode (outputs of order 1)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, *SHAPE[1:]))
+    return model.eval()
+
+
+def _removed(model: nn.Module, ratio: float, seed: int = 0, round_to: int = 1) -> tuple[object, set[int]]:
+    graph = analyze(model, SHAPE)
+    crit = create("random")
+    crit.prepare(model, graph, ScoreContext(seed=seed))
+    return graph, select(graph, crit, PlanConfig(ratio=ratio, round_to=round_to))
+
+
+def _silence(model: nn.Module, graph, removed: set[int]) -> None:
+    """Zero every weight that reads a channel in ``removed`` (conv/linear inputs)."""
+    for c in graph.consumers:
+        if c.role != "in":
+            continue
+        roots = graph.el.roots(c.labels)
+        cols = torch.tensor([i for i, r in enumerate(roots.tolist()) if r in removed], dtype=torch.long)
+        if len(cols):
+            with torch.no_grad():
+                graph.module(c.name).weight.index_fill_(1, cols, 0.0)
+
+
+@pytest.mark.parametrize("cls", PER_CHANNEL, ids=lambda c: c.__name__)
+def test_removing_silent_channels_keeps_the_output(cls: type) -> None:
+    model = _trained_stats(cls())
+    graph, removed = _removed(model, 0.5)
+    assert removed, "expected something to prune"
+    _silence(model, graph, removed)
+    x = torch.randn(4, *SHAPE[1:])
+    with torch.no_grad():
+        before = model(x)
+    changes = prune_channels(model, graph, removed)
+    with torch.no_grad():
+        after = model(x)
+    assert changes
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
+def test_pruned_model_runs_exports_and_matches_onnx(cls: type, tmp_path: Path) -> None:
+    model = _trained_stats(cls())
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.no_grad():
+        ref_shape = model(x).shape
+    params_before = sum(p.numel() for p in model.parameters())
+    graph, removed = _removed(model, 0.5)
+    prune_channels(model, graph, removed)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == ref_shape
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, torch.randn(*SHAPE))
+    result = parity(path, model, [x])
+    assert result["ok"], result
+
+
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
+def test_ratio_zero_changes_nothing(cls: type) -> None:
+    model = _trained_stats(cls())
+    ref = copy.deepcopy(model)
+    graph, removed = _removed(model, 0.0)
+    assert removed == set()
+    assert prune_channels(model, graph, removed) == []
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+
+
+def test_same_seed_same_channels_and_different_seed_differs() -> None:
+    model = _trained_stats(Concat())
+    plans = [removed_plan(*_removed(copy.deepcopy(model), 0.5, seed=s)) for s in (3, 3, 4)]
+    assert plans[0] == plans[1]
+    assert plans[0] != plans[2]
+
+
+def test_residual_branches_are_one_group_and_keep_the_same_indices() -> None:
+    model = _trained_stats(Residual3())
+    graph, removed = _removed(model, 0.5)
+    group = next(g for g in graph.groups if "stem.0" in g.modules)
+    assert set(group.modules) == {"stem.0", "f.1", "g.0"}
+    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    assert changes["stem.0"] == changes["f.1"] == changes["g.0"]
+    assert len(changes["stem.0"]) == 8
+
+
+def test_se_excitation_width_follows_the_block() -> None:
+    model = _trained_stats(SE())
+    graph, removed = _removed(model, 0.5)
+    group = next(g for g in graph.groups if "body.0" in g.modules)
+    assert "fc2" in group.modules  # sigmoid(fc2(...)) multiplies body's channels one to one
+    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    assert changes["body.0"] == changes["fc2"]
+
+
+def test_group_norm_keeps_a_multiple_of_its_groups() -> None:
+    model = _trained_stats(Norms())
+    graph, removed = _removed(model, 0.6)
+    gn_group = next(g for g in graph.groups if "conv" in g.modules)
+    assert gn_group.multiple_of == 4
+    prune_channels(model, graph, removed)
+    assert model.gn.num_channels % 4 == 0
+    assert model.conv.out_channels == model.gn.num_channels < 16
+
+
+def test_grouped_conv_and_outputs_are_left_alone_with_reasons() -> None:
+    model = _trained_stats(DepthwiseGrouped())
+    graph = analyze(model, SHAPE)
+    assert "grouped" in graph.skipped["grouped"]
+    assert "output" in graph.skipped["head.2"]
+
+
+def test_hard_coded_reshape_is_protected() -> None:
+    model = _trained_stats(HardCodedView())
+    graph, removed = _removed(model, 0.5)
+    assert "hard-coded" in graph.skipped["b.0"]
+    prune_channels(model, graph, removed)
+    assert model.b[0].out_channels == 16 and model.a[0].out_channels == 4
+
+
+def test_layer_scale_parameter_is_sliced_with_its_channels() -> None:
+    model = _trained_stats(ConvNeXtBlock())
+    graph, removed = _removed(model, 0.5)
+    prune_channels(model, graph, removed)
+    assert model.gamma.shape[0] == model.stem.out_channels == model.dw.out_channels == model.norm.normalized_shape[0]
+    assert model.pw1.out_features == 32
+
+
+def test_round_to_rounds_kept_counts() -> None:
+    model = _trained_stats(Plain())
+    graph, removed = _removed(model, 0.3, round_to=8)  # int(16 * 0.7) = 11 -> rounds to 8
+    prune_channels(model, graph, removed)
+    assert model.a[0].out_channels == 8 and model.b[0].out_channels == 8
+
+
+def test_replay_rebuilds_the_same_network() -> None:
+    model = _trained_stats(Concat())
+    graph, removed = _removed(model, 0.5)
+    plan = removed_plan(graph, removed)
+    fresh = copy.deepcopy(model)
+    prune_channels(model, graph, removed)
+    replay(fresh, SHAPE, plan)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_untraceable_model_names_the_problem() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent Python control flow
+                return self.conv(x)
+            return self.conv(-x)
+
+    with pytest.raises(UnsupportedModel, match="cannot trace"):
+        analyze(DataDependent(), SHAPE)
+
+
+def test_wrong_input_shape_is_a_clear_error() -> None:
+    with pytest.raises(UnsupportedModel, match="--input-shape"):
+        analyze(Plain(), (1, 1, 16, 16))
