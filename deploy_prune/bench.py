@@ -38,6 +38,8 @@ import torch  # noqa: F401  # must be imported before onnxruntime: ORT's CUDA EP
 import onnxruntime as ort
 from tqdm import tqdm
 
+from deploy_prune.progress import tqdm_options
+
 from deploy_prune.errors import BadInput, DeployPruneError
 
 __all__ = [
@@ -460,9 +462,7 @@ def benchmark(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed run would be an outlier unrelated to the model
     try:
-        with tqdm(
-            total=iters * len(names), desc="benchmark", unit="run", file=sys.stderr, disable=not progress, leave=False
-        ) as bar:
+        with tqdm(total=iters * len(names), desc="benchmark", unit="run", **tqdm_options(progress)) as bar:
             round_no = 0
             while any(len(kept[n]) < iters for n in names):
                 shift = round_no % len(names)

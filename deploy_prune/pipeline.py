@@ -130,6 +130,17 @@ def validate(opts: RunOptions) -> None:
     _check_out(opts.out, opts.force, [opts.model, opts.weights, opts.data])
 
 
+def check_runs(model: nn.Module, shape: tuple[int, ...]) -> None:
+    """Raise BadInput unless ``model`` runs on an input of ``shape``."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(*shape))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the shape (or the model) is wrong
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"the model does not run on an input of shape {'x'.join(map(str, shape))} ({first}); "
+                       "pass the shape it expects with --input-shape") from None
+
+
 def _accuracy(model: nn.Module, data: Any) -> float | None:
     if data is None:
         return None
@@ -207,20 +218,24 @@ def _structured(model: nn.Module, opts: RunOptions, shape: tuple[int, ...], data
 def _match_structured(dense: nn.Module, target_nonzero: int, opts: RunOptions, shape: tuple[int, ...],
                       data: Any, say: _Stages, artifacts: dict) -> tuple[nn.Module, dict[str, list[int]], dict, float]:
     """L1 prune with the ratio whose non-zero count is closest to ``target_nonzero`` (lottery's structured twin)."""
-    lo, hi, best = 0.0, 0.95, None
+    lo, hi = 0.0, min(0.95, opts.max_layer_ratio)
+    best: tuple[float, dict, dict, int] | None = None
     single = RunOptions(**{**opts.__dict__, "steps": 1})
     for _ in range(12):
         mid = (lo + hi) / 2
         m, kept, info = _structured(copy.deepcopy(dense), single, shape, None, say, {}, ratio=mid, criterion="l1",
                                     finetune=False)
         nz = count_nonzero(m)
-        if best is None or abs(nz - target_nonzero) < abs(best[3] - target_nonzero):
+        # closest from below, so the ticket can be trimmed to exactly the same budget
+        if nz <= target_nonzero and (best is None or nz > best[3]):
             best = (mid, kept, info, nz)
         if nz > target_nonzero:
             lo = mid
         else:
             hi = mid
-    assert best is not None
+    if best is None:
+        raise BadInput("no structured prune of this model is as small as the ticket; lower --ratio or raise "
+                       "--max-layer-ratio")
     ratio = best[0]
     model, kept, info = _structured(copy.deepcopy(dense), single, shape, data, say, artifacts, ratio=ratio,
                                     criterion="l1")
@@ -237,10 +252,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
     say = _Stages(opts.progress, 6)
     provider = benchmod.resolve_provider(opts.provider)
     torch.manual_seed(opts.seed)
-    say(f"loading {opts.model}")
+    # Everything a user can get wrong is checked before the first progress line, so a bad input prints
+    # exactly one line.
     loaded: LoadedModel = load_model(opts.model, weights=opts.weights, arch=opts.arch, trust_pickle=opts.trust_pickle)
-    for n in loaded.notes:
-        say.note(n)
     data = None
     if opts.data:
         from deploy_prune.data import load_data
@@ -252,6 +266,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
         raise BadInput(f"the model predicts {loaded.num_classes} classes but --data {opts.data} has "
                        f"{data.num_classes}; finetune the classifier first or pass matching data")
     dense = loaded.model.eval()
+    check_runs(dense, shape)
+    say(f"loaded {opts.model}" + (f" and {opts.data}" if opts.data else ""))
+    for n in loaded.notes:
+        say.note(n)
     artifacts: dict[str, Any] = {}
     dense_acc = _accuracy(dense, data)
     if dense_acc is not None:
@@ -265,13 +283,21 @@ def run(opts: RunOptions) -> dict[str, Any]:
         say(f"lottery: iterative magnitude pruning to {opts.ratio:.0%} sparsity in {opts.lottery_rounds} rounds")
         res = find_ticket(copy.deepcopy(dense), data, target_sparsity=opts.ratio, rounds=opts.lottery_rounds,
                           scope=opts.lottery_scope, rewind_iter=opts.rewind_iter,
-                          epochs_per_round=max(1, opts.epochs), lr=opts.lr or 1e-3, seed=opts.seed)
+                          epochs_per_round=max(1, opts.epochs), lr=opts.lr or 1.2e-3, optimizer="adam",
+                          seed=opts.seed, progress=opts.progress)
         unstructured = res.model
         lottery_info = {"history": res.history, "reinit_accuracy": getattr(res, "reinit_accuracy", None)}
         say("structured: L1 matched to the ticket's non-zero count")
         structured, kept, info, matched = _match_structured(dense, count_nonzero(unstructured), opts, shape, data,
                                                             say, artifacts)
         info["matched_ratio"] = round(matched, 4)
+        # Channel counts move in steps, so the closest structured model sits a little below the ticket's
+        # budget; the ticket's smallest surviving weights are trimmed to the same count (contract: within 1%).
+        ticket_nonzero = count_nonzero(unstructured)
+        apply_masks(unstructured, count_nonzero(structured))
+        make_permanent(unstructured)
+        lottery_info["ticket_nonzero"] = ticket_nonzero
+        lottery_info["trimmed_to_match"] = ticket_nonzero - count_nonzero(unstructured)
         unstructured_before = None
     else:
         say(f"pruning with {opts.criterion} at ratio {opts.ratio} ({opts.steps} step(s))")

@@ -102,6 +102,8 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optim
     # the loader when the bar is built, which draws from the shuffling generator and shifts the data order.
     from tqdm import tqdm
 
+    from deploy_prune.progress import tqdm_options
+
     if seed is not None:
         torch.manual_seed(seed)
         gen = getattr(loader, "generator", None)
@@ -113,8 +115,7 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optim
     losses: list[float] = []
     for epoch in range(epochs):
         total, count = 0.0, 0
-        bar: Any = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, file=sys.stderr,
-                        leave=False, dynamic_ncols=True)
+        bar: Any = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", **tqdm_options(progress))
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,135 @@
+"""End-to-end runs of the pipeline on the embedded models and data (real exporter, graphsurgeon, ORT)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from deploy_prune.cli.main import main
+from deploy_prune.loading import load_model
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "deploy_prune" / "report.schema.json").read_text())
+
+
+def _cli(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return int(exc.value.code or 0)
+
+
+def _check_bundle(out: Path) -> dict:
+    for name in ("model.onnx", "dense.onnx", "unstructured.onnx", "pruned.pt", "report.json", "report.md",
+                 "latency.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.onnx.data"))
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(report)
+    kinds = [v["kind"] for v in report["variants"]]
+    assert sorted(kinds) == ["dense", "structured", "unstructured"]
+    v = {x["kind"]: x for x in report["variants"]}
+    assert all(x["parity"]["ok"] for x in v.values())
+    assert abs(v["unstructured"]["nonzero_params"] - v["structured"]["nonzero_params"]) <= \
+        0.01 * v["structured"]["nonzero_params"]
+    assert v["unstructured"]["params"] == v["dense"]["params"]
+    assert v["structured"]["params"] < v["dense"]["params"]
+    assert v["structured"]["macs"] < v["dense"]["macs"]
+    assert report["environment"]["provider"] == "CPUExecutionProvider"
+    for layer in report["layers"]:
+        kept = layer["kept"]
+        assert kept == sorted(set(kept)) and len(kept) == layer["out_channels_after"]
+        assert layer["out_channels_after"] < layer["out_channels_before"]
+        assert max(kept) < layer["out_channels_before"]
+    md = (out / "report.md").read_text()
+    assert report["verdict"] in md
+    return report
+
+
+def _onnx_out(path: Path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_run_without_data_writes_a_valid_bundle_and_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    assert _cli(["run", "builtin:mnist_resnet", "--no-finetune", "--bench-iters", "5", "--out", str(out), "-q"]) == 0
+    report = _check_bundle(out)
+    assert all(v["accuracy"] is None for v in report["variants"])
+    assert any("accuracy unknown" in n for n in report["notes"])
+    # pruned.pt opens without unpickling code and rebuilds the pruned network exactly
+    raw = torch.load(out / "pruned.pt", weights_only=True)
+    assert raw["arch"] == "builtin:mnist_resnet" and raw["prune_plan"]
+    loaded = load_model(str(out / "pruned.pt"))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        y = loaded.model(x).numpy()
+    np.testing.assert_allclose(y, _onnx_out(out / "model.onnx", x), rtol=1e-3, atol=1e-4)
+    widths = {layer["name"]: layer["out_channels_after"] for layer in report["layers"]}
+    for name, after in widths.items():
+        assert loaded.model.get_submodule(name).out_channels == after
+
+
+def test_run_accepts_its_own_pruned_checkpoint(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert _cli(["run", "builtin:mnist_cnn", "--no-finetune", "--bench-iters", "3", "--out", str(first), "-q"]) == 0
+    assert _cli(["run", str(first / "pruned.pt"), "--no-finetune", "--bench-iters", "3", "--ratio", "0.25",
+                 "--round-to", "1", "--out", str(second), "-q"]) == 0
+    r1 = json.loads((first / "report.json").read_text())
+    r2 = json.loads((second / "report.json").read_text())
+    s1 = next(v for v in r1["variants"] if v["kind"] == "structured")
+    d2 = next(v for v in r2["variants"] if v["kind"] == "dense")
+    assert d2["params"] == s1["params"]  # the second run starts from the first run's pruned network
+
+
+def test_failed_run_leaves_nothing_and_force_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    import deploy_prune.report as report_mod
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report_mod, "write_report", boom)
+    assert _cli(["run", "builtin:mnist_cnn", "--no-finetune", "--bench-iters", "2", "--out", str(out), "--force",
+                 "-q"]) == 1
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the old bundle is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging folder left
+    monkeypatch.undo()
+    assert _cli(["run", "builtin:mnist_cnn", "--no-finetune", "--bench-iters", "2", "--out", str(out), "--force",
+                 "-q"]) == 0
+    assert not (out / "old.txt").exists() and (out / "report.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["l1", "slimming", "fpgm", "apoz", "lottery", "random"])
+def test_every_criterion_runs_on_digits_and_reports_accuracy(criterion: str, tmp_path: Path) -> None:
+    out = tmp_path / criterion
+    args = ["run", "builtin:mnist_cnn", "--data", "mnist5k", "--criterion", criterion, "--epochs", "1",
+            "--bench-iters", "3", "--sparsity-epochs", "1", "--lottery-rounds", "2", "--calib-batches", "2",
+            "--out", str(out), "-q"]
+    assert _cli(args) == 0
+    report = _check_bundle(out)
+    accs = {v["kind"]: v["accuracy"] for v in report["variants"]}
+    assert all(isinstance(a, float) and 0 <= a <= 100 for a in accs.values()), accs
+    assert accs["structured"] > 50  # a working digit classifier after pruning and one epoch of finetuning
+    assert report["criterion"] == criterion
+    if criterion == "slimming":
+        assert (out / "gamma_hist.png").is_file()
+    if criterion == "lottery":
+        assert report["lottery"]["history"]
+
+
+def test_iterative_schedule_reaches_the_same_width(tmp_path: Path) -> None:
+    out = tmp_path / "steps"
+    assert _cli(["run", "builtin:mnist_cnn", "--no-finetune", "--steps", "2", "--round-to", "1", "--bench-iters", "2",
+                 "--out", str(out), "-q"]) == 0
+    report = _check_bundle(out)
+    # keep sqrt(0.5) per step, twice: about half of each layer's channels remain
+    for layer in report["layers"]:
+        assert 0.4 <= layer["out_channels_after"] / layer["out_channels_before"] <= 0.6, layer["name"]
