@@ -67,6 +67,9 @@ def run(
     ignore: Annotated[Optional[list[str]], typer.Option(help="Layer (qualified name, or prefix ending in '.') "
                                                              "never to prune; repeatable.")] = None,
     max_layer_ratio: Annotated[float, typer.Option(help="Never remove more than this fraction of a layer.")] = 0.9,
+    scope: Annotated[Optional[str], typer.Option(help="local: remove --ratio of every layer group; global: one "
+                                                      "threshold over all groups (default: the criterion's own; "
+                                                      "slimming is global).")] = None,
     steps: Annotated[int, typer.Option(help="Prune and finetune iteratively in N steps (1 = prune once).")] = 1,
     l1_mode: Annotated[str, typer.Option(help="l1: independent | greedy (Li et al. 2017, sec. 3.2).")] = "independent",
     sparsity: Annotated[float, typer.Option(help="slimming: lambda of the L1 penalty on BN scales.")] = 1e-4,
@@ -94,7 +97,7 @@ def run(
         model=model, criterion=criterion, ratio=ratio, weights=weights, arch=arch, data=data,
         epochs=0 if no_finetune else epochs, lr=lr, batch_size=batch_size, input_shape=_shape(input_shape),
         provider=provider, out=out, force=force, seed=seed, trust_pickle=trust_pickle, bench_iters=bench_iters,
-        threads=threads, round_to=round_to, ignore=tuple(ignore or ()), max_layer_ratio=max_layer_ratio, steps=steps,
+        threads=threads, round_to=round_to, ignore=tuple(ignore or ()), max_layer_ratio=max_layer_ratio, scope=scope, steps=steps,
         l1_mode=l1_mode, sparsity=sparsity, sparsity_epochs=sparsity_epochs, calib_batches=calib_batches,
         lottery_rounds=lottery_rounds, lottery_scope=lottery_scope, rewind_iter=rewind_iter,
         layer_ratios=layer_ratios, progress=not quiet,

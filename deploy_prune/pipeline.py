@@ -56,6 +56,7 @@ class RunOptions:
     round_to: int = 8
     ignore: tuple[str, ...] = ()
     max_layer_ratio: float = 0.9
+    scope: str | None = None
     steps: int = 1
     l1_mode: str = "independent"
     sparsity: float = 1e-4
@@ -122,6 +123,10 @@ def validate(opts: RunOptions) -> None:
         raise BadInput("--bench-iters must be >= 1")
     if opts.round_to < 1:
         raise BadInput("--round-to must be >= 1")
+    if opts.scope not in (None, "local", "global"):
+        raise BadInput(f"--scope {opts.scope!r}: choose local (ratio of every layer) or global (one threshold)")
+    if not 0 < opts.max_layer_ratio < 1:
+        raise BadInput("--max-layer-ratio must be between 0 and 1 (exclusive)")
     if opts.l1_mode not in ("independent", "greedy"):
         raise BadInput(f"--l1-mode {opts.l1_mode!r}: choose independent or greedy")
     if opts.criterion in ("apoz", "lottery") and not opts.data:
@@ -198,7 +203,7 @@ def _structured(model: nn.Module, opts: RunOptions, shape: tuple[int, ...], data
         if ctx.artifacts.get("retrained"):
             graph = analyze(model, shape, ignore=opts.ignore)  # weights changed, the structure did not
         cfg = PlanConfig(ratio=1 - step_keep, round_to=opts.round_to,
-                         max_layer_ratio=opts.max_layer_ratio, layer_ratios=opts.layer_ratios)
+                         max_layer_ratio=opts.max_layer_ratio, layer_ratios=opts.layer_ratios, scope=opts.scope)
         removed = select(graph, crit, cfg)
         step_plan = removed_plan(graph, removed)
         cur_widths = graph.layer_widths()

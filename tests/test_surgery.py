@@ -352,3 +352,43 @@ def test_untraceable_model_names_the_problem() -> None:
 def test_wrong_input_shape_is_a_clear_error() -> None:
     with pytest.raises(UnsupportedModel, match="--input-shape"):
         analyze(Plain(), (1, 1, 16, 16))
+
+
+def test_kept_count_follows_li_truncation_and_rounding() -> None:
+    from deploy_prune.surgery import kept_count
+
+    assert kept_count(16, 0.1, PlanConfig(ratio=0.1)) == 14  # int(16 * 0.9) = 14, as in Li et al.'s code
+    assert kept_count(64, 0.5, PlanConfig(ratio=0.5, round_to=16)) == 32
+    assert kept_count(64, 0.45, PlanConfig(ratio=0.45, round_to=16)) == 32  # int(35.2) = 35 -> nearest 16: 32
+    assert kept_count(8, 0.5, PlanConfig(ratio=0.5, round_to=16)) == 8  # smaller than one block: untouched
+    assert kept_count(10, 0.99, PlanConfig(ratio=0.99, max_layer_ratio=0.5)) == 5
+    assert kept_count(3, 0.99, PlanConfig(ratio=0.99, max_layer_ratio=0.999)) == 1  # never empty
+    assert kept_count(24, 0.5, PlanConfig(ratio=0.5), multiple_of=8) == 16  # GroupNorm(8 groups)
+
+
+def test_ignore_protects_a_layer_and_says_so() -> None:
+    model = _trained_stats(Plain())
+    graph = analyze(model, SHAPE, ignore=["b."])
+    assert graph.skipped["b.0"].startswith("ignored")
+    crit = create("l1")
+    crit.prepare(model, graph, ScoreContext())
+    prune_channels(model, graph, select(graph, crit, PlanConfig(ratio=0.5)))
+    assert model.b[0].out_channels == 16 and model.a[0].out_channels == 8
+
+
+def test_global_scope_prunes_the_weaker_layer_harder() -> None:
+    model = _trained_stats(Plain())
+    with torch.no_grad():
+        model.a[0].weight.mul_(100.0)  # every filter of layer a now has a far larger L1 norm than layer b's
+    graph = analyze(model, SHAPE)
+    crit = create("l1")
+    crit.prepare(model, graph, ScoreContext())
+    removed = select(graph, crit, PlanConfig(ratio=0.5, scope="global", max_layer_ratio=0.9))
+    changes = {c.name: c.after for c in prune_channels(model, graph, removed)}
+    # normalised per layer, the two layers compete on the same footing: 16 of 32 channels go in total
+    assert sum(16 - changes.get(n, 16) for n in ("a.0", "b.0")) == 16
+    local = _trained_stats(Plain())
+    g2 = analyze(local, SHAPE)
+    c2 = create("l1")
+    c2.prepare(local, g2, ScoreContext())
+    assert {c.after for c in prune_channels(local, g2, select(g2, c2, PlanConfig(ratio=0.5)))} == {8}

@@ -28,6 +28,7 @@ class PlanConfig:
     round_to: int = 1
     max_layer_ratio: float = 0.9
     layer_ratios: dict[str, float] = field(default_factory=dict)  # per producer layer (from sensitivity)
+    scope: str | None = None  # "local" | "global"; None = the criterion's own (slimming: global)
 
 
 def kept_count(n: int, ratio: float, cfg: PlanConfig, multiple_of: int = 1) -> int:
@@ -59,6 +60,12 @@ def _lowest(scores: torch.Tensor, n_remove: int) -> list[int]:
     return order[:n_remove]
 
 
+def _finite_mean(s: torch.Tensor) -> float:
+    finite = s[torch.isfinite(s)]
+    m = float(finite.abs().mean()) if len(finite) else 1.0
+    return m if m > 0 else 1.0
+
+
 def _check(criterion: Criterion, g: Group, s: torch.Tensor) -> torch.Tensor:
     if s.shape != (g.size,):
         raise ValueError(f"criterion {criterion.name} returned {tuple(s.shape)} scores for {g.size} channels")
@@ -68,14 +75,20 @@ def _check(criterion: Criterion, g: Group, s: torch.Tensor) -> torch.Tensor:
 def select(graph: DependencyGraph, criterion: Criterion, cfg: PlanConfig) -> set[int]:
     """Return the channel roots to remove.
 
-    Local scope: each group keeps :func:`kept_count` of its channels. Global scope (Network Slimming): the
+    Local scope: each group keeps :func:`kept_count` of its channels. Global scope (Network Slimming, or any
+    criterion with ``PlanConfig(scope="global")``, its scores then divided by each group's mean): the
     ``ratio`` share of all finitely-scored channels with the lowest scores is chosen across the whole network
     (exactly ``int(total * ratio)``, ties broken by graph order), then each group's count is adjusted to the
     same limits as local pruning (never empty, ``max_layer_ratio``, ``round_to``).
     """
     removed: set[int] = set()
-    if criterion.scope == "global" and not cfg.layer_ratios:
+    scope = cfg.scope or criterion.scope
+    if scope == "global" and not cfg.layer_ratios:
         scored = [(g, _check(criterion, g, criterion.score(graph, g, frozenset()))) for g in graph.groups]
+        if criterion.scope != "global":
+            # a per-layer score (filter norms, distances) is not comparable across layers of different sizes:
+            # divide by the group's mean finite score, as Torch-Pruning's "mean" normaliser does
+            scored = [(g, s / _finite_mean(s)) for g, s in scored]
         pool = [(float(s[i]), gi, i) for gi, (g, s) in enumerate(scored) for i in range(g.size)
                 if math.isfinite(float(s[i]))]
         k = int(len(pool) * cfg.ratio + 1e-9)
