@@ -72,6 +72,19 @@ _NUMPY_TYPES: dict[str, type[np.floating[Any]]] = {
 # providers and sessions
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), for reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def default_threads() -> int:
     """The intra-op thread count used when none is given: the CPUs this process may run on.
 

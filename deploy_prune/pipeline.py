@@ -7,7 +7,6 @@ a failed or interrupted run leaves no half-written bundle, and inputs are only e
 from __future__ import annotations
 
 import copy
-import json
 import math
 import platform
 import shutil
@@ -376,7 +375,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
             "environment": {"provider": result.provider, "onnxruntime": onnxruntime.__version__,
                             "torch": torch.__version__, "intra_op_threads": int(result.threads),
                             "python": platform.python_version(), "machine": platform.machine(),
-                            "processor": _cpu_name()},
+                            "processor": benchmod.cpu_name()},
             "variants": variants_out, "layers": layers,
             "arch": loaded.arch, "data": opts.data, "seed": opts.seed, "round_to": opts.round_to,
             "steps": opts.steps, "epochs": opts.epochs if data is not None else 0,
@@ -428,17 +427,3 @@ def _move_into_place(staging: Path, out: Path, force: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         staging.rename(out)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2))

@@ -15,7 +15,6 @@ order.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Callable
 
 import torch

@@ -22,8 +22,8 @@ How it works (docs/design.md has the long form):
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 import torch
