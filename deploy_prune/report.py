@@ -297,6 +297,43 @@ def _op_delta(c: Mapping[str, Any]) -> str:
     return ", ".join(changes) if changes else "no change"
 
 
+def _table(rows: list[Mapping[str, Any]]) -> list[str]:
+    """A Markdown table from a list of flat dicts (the union of their keys, in first-seen order)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and not isinstance(r[k], (Mapping, list))]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return _md_escape(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return out
+
+
+def _schedule_rows(report: Mapping[str, Any]) -> list[str]:
+    """The iterative schedule (``--steps``, the seed's Table 2) and lottery rounds, when the run had them."""
+    lines: list[str] = []
+    steps = report.get("schedule")
+    if isinstance(steps, list) and steps:
+        lines += ["", "## Pruning schedule", "", "Each step prunes, then finetunes (accuracy in %).", ""]
+        lines += _table(steps)
+    lottery = report.get("lottery")
+    if isinstance(lottery, Mapping) and lottery.get("history"):
+        lines += ["", "## Lottery ticket rounds", "",
+                  "Iterative magnitude pruning: each round trains, prunes a share of the surviving weights and "
+                  "rewinds the survivors.", ""]
+        lines += _table(list(lottery["history"]))
+        extra = {k: v for k, v in lottery.items() if k != "history" and not isinstance(v, (Mapping, list))}
+        if extra:
+            lines += [""] + [f"- {k.replace('_', ' ')}: {v}" for k, v in extra.items()]
+    return lines
+
+
 def _markdown(
     report: Mapping[str, Any], bench: BenchResult, extras: Mapping[str, Any], plots: Iterable[str]
 ) -> str:
@@ -350,6 +387,8 @@ def _markdown(
         lines += [
             f"| {_md_escape(name)} | {c['nodes_before']} | {c['nodes_after']} | {_op_delta(c)} |" for name, c in cleanup
         ]
+
+    lines += _schedule_rows(report)
 
     layers = report.get("layers", [])
     lines += ["", "## Pruned layers", ""]

@@ -123,6 +123,7 @@ def test_every_criterion_runs_on_digits_and_reports_accuracy(criterion: str, tmp
         assert (out / "gamma_hist.png").is_file()
     if criterion == "lottery":
         assert report["lottery"]["history"]
+        assert "## Lottery ticket rounds" in (out / "report.md").read_text()
 
 
 def test_iterative_schedule_reaches_the_same_width(tmp_path: Path) -> None:
@@ -133,3 +134,5 @@ def test_iterative_schedule_reaches_the_same_width(tmp_path: Path) -> None:
     # keep sqrt(0.5) per step, twice: about half of each layer's channels remain
     for layer in report["layers"]:
         assert 0.4 <= layer["out_channels_after"] / layer["out_channels_before"] <= 0.6, layer["name"]
+    assert [s["step"] for s in report["schedule"]] == [1, 2]
+    assert "## Pruning schedule" in (out / "report.md").read_text()
