@@ -3,7 +3,7 @@
 Kept counts follow Li et al.'s code: ``keep = int(n * (1 - ratio))`` (it truncates), then
 
 * never fewer than one channel (and never below ``1 - max_layer_ratio`` of the group);
-* rounded to the nearest multiple of ``round_to`` (ONNX Runtime's CPU kernels block channels by 8 on AVX2
+* rounded to the nearest multiple of ``round_to`` (halves up) (ONNX Runtime's CPU kernels block channels by 8 on AVX2
   and 16 on AVX-512, tensor cores want multiples of 8; 64→31 channels ran at half the speed of 64→32), and of
   a GroupNorm's group count where one scales the channels; a group smaller than ``round_to`` is not pruned.
 """
@@ -41,7 +41,7 @@ def kept_count(n: int, ratio: float, cfg: PlanConfig, multiple_of: int = 1) -> i
     if step > 1:
         if n <= step:
             return n
-        keep = max(step, int(round(keep / step)) * step)
+        keep = max(step, math.floor(keep / step + 0.5) * step)  # nearest multiple, halves round up
     return min(keep, n)
 
 
