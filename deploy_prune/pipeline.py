@@ -173,9 +173,9 @@ def _compose(kept: dict[str, list[int]], widths: dict[str, int], step_plan: dict
         kept[name] = [orig for i, orig in enumerate(cur) if i not in drop]
 
 
-def _structured(model: nn.Module, opts: RunOptions, shape: tuple[int, ...], data: Any, say: _Stages,
-                artifacts: dict[str, Any], *, ratio: float | None = None, criterion: str | None = None,
-                finetune: bool = True, quiet: bool = False) -> tuple[nn.Module, dict[str, list[int]], dict]:
+def _structured(model: nn.Module, opts: RunOptions, shape: tuple[int, ...], data: Any, artifacts: dict[str, Any],
+                *, ratio: float | None = None, criterion: str | None = None,
+                finetune: bool = True) -> tuple[nn.Module, dict[str, list[int]], dict]:
     """Prune ``model`` (in place) in ``opts.steps`` steps; returns (model, kept per layer, info)."""
     from deploy_prune.criteria import ScoreContext, create
 
@@ -220,14 +220,14 @@ def _structured(model: nn.Module, opts: RunOptions, shape: tuple[int, ...], data
 
 
 def _match_structured(dense: nn.Module, target_nonzero: int, opts: RunOptions, shape: tuple[int, ...],
-                      data: Any, say: _Stages, artifacts: dict) -> tuple[nn.Module, dict[str, list[int]], dict, float]:
+                      data: Any, artifacts: dict) -> tuple[nn.Module, dict[str, list[int]], dict, float]:
     """L1 prune with the ratio whose non-zero count is closest to ``target_nonzero`` (lottery's structured twin)."""
     lo, hi = 0.0, min(0.95, opts.max_layer_ratio)
     best: tuple[float, dict, dict, int] | None = None
     single = RunOptions(**{**opts.__dict__, "steps": 1})
     for _ in range(12):
         mid = (lo + hi) / 2
-        m, kept, info = _structured(copy.deepcopy(dense), single, shape, None, say, {}, ratio=mid, criterion="l1",
+        m, kept, info = _structured(copy.deepcopy(dense), single, shape, None, {}, ratio=mid, criterion="l1",
                                     finetune=False)
         nz = count_nonzero(m)
         # closest from below, so the ticket can be trimmed to exactly the same budget
@@ -241,7 +241,7 @@ def _match_structured(dense: nn.Module, target_nonzero: int, opts: RunOptions, s
         raise BadInput("no structured prune of this model is as small as the ticket; lower --ratio or raise "
                        "--max-layer-ratio")
     ratio = best[0]
-    model, kept, info = _structured(copy.deepcopy(dense), single, shape, data, say, artifacts, ratio=ratio,
+    model, kept, info = _structured(copy.deepcopy(dense), single, shape, data, artifacts, ratio=ratio,
                                     criterion="l1")
     return model, kept, info, ratio
 
@@ -293,7 +293,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         lottery_info = {"history": res.history, "reinit_accuracy": getattr(res, "reinit_accuracy", None)}
         say("structured: L1 matched to the ticket's non-zero count")
         structured, kept, info, matched = _match_structured(dense, count_nonzero(unstructured), opts, shape, data,
-                                                            say, artifacts)
+                                                            artifacts)
         info["matched_ratio"] = round(matched, 4)
         # Channel counts move in steps, so the closest structured model sits a little below the ticket's
         # budget; the ticket's smallest surviving weights are trimmed to the same count (contract: within 1%).
@@ -305,7 +305,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         unstructured_before = None
     else:
         say(f"pruning with {opts.criterion} at ratio {opts.ratio} ({opts.steps} step(s))")
-        structured, kept, info = _structured(copy.deepcopy(dense), opts, shape, data, say, artifacts)
+        structured, kept, info = _structured(copy.deepcopy(dense), opts, shape, data, artifacts)
         target = count_nonzero(structured)
         say(f"unstructured: magnitude masks to {target:,} non-zero weights")
         unstructured = copy.deepcopy(dense)
