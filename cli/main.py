@@ -92,7 +92,12 @@ def run(
     if from_sensitivity is not None:
         from deploy_prune.criteria.sensitivity import ratios_from_sensitivity
 
-        layer_ratios = ratios_from_sensitivity(_read_json(from_sensitivity, "--from-sensitivity"), max_drop=max_drop)
+        try:
+            layer_ratios = ratios_from_sensitivity(_read_json(from_sensitivity, "--from-sensitivity"),
+                                                   max_drop=max_drop)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise BadInput(f"--from-sensitivity {from_sensitivity} is not a `deploy-prune sensitivity` result; "
+                           "regenerate it with deploy-prune sensitivity") from None
     opts = RunOptions(
         model=model, criterion=criterion, ratio=ratio, weights=weights, arch=arch, data=data,
         epochs=0 if no_finetune else epochs, lr=lr, batch_size=batch_size, input_shape=_shape(input_shape),

@@ -162,7 +162,7 @@ def _finetune(model: nn.Module, data: Any, opts: RunOptions, desc: str, epochs: 
 
     lr = opts.lr if opts.lr is not None else 1e-3
     train(model, data.train, epochs=epochs, lr=lr, optimizer="adam", weight_decay=0.0, after_step=after_step,
-          desc=desc, progress=opts.progress)
+          seed=opts.seed, desc=desc, progress=opts.progress)
 
 
 def _compose(kept: dict[str, list[int]], widths: dict[str, int], step_plan: dict[str, list[int]]) -> None:
@@ -370,7 +370,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
         layers = [{"name": n, "out_channels_before": info["widths"][n], "out_channels_after": len(k), "kept": k}
                   for n, k in kept.items()]
         report: dict[str, Any] = {
-            "schema_version": 1, "model": opts.model, "criterion": opts.criterion, "ratio": opts.ratio,
+            "schema_version": 1, "model": opts.model, "criterion": opts.criterion,
+            "ratio": opts.ratio if not opts.layer_ratios else _removed_fraction(kept, info["widths"]),
             "input_shape": list(shape),
             "environment": {"provider": result.provider, "onnxruntime": onnxruntime.__version__,
                             "torch": torch.__version__, "intra_op_threads": int(result.threads),
@@ -386,6 +387,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
             "notes": loaded.notes + ([] if data is not None else
                                      ["accuracy unknown: no --data given, so no finetuning and no evaluation"]),
         }
+        if opts.layer_ratios:
+            report["layer_ratios"] = dict(opts.layer_ratios)
+            report["notes"].append("per-layer ratios from --from-sensitivity replaced --ratio; `ratio` is the share "
+                                   "of all channels removed")
         if lottery_info is not None:
             report["lottery"] = lottery_info | {"matched_structured_ratio": info.get("matched_ratio")}
         if info.get("steps") and opts.steps > 1:
@@ -410,6 +415,13 @@ def run(opts: RunOptions) -> dict[str, Any]:
     finally:
         if staging is not None and Path(staging).exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _removed_fraction(kept: dict[str, list[int]], widths: dict[str, int]) -> float:
+    """The share of all producer channels removed (the effective ratio when per-layer ratios were given)."""
+    total = sum(widths.values())
+    gone = sum(widths[n] - len(k) for n, k in kept.items())
+    return round(gone / total, 4) if total else 0.0
 
 
 def _plan_from_kept(kept: dict[str, list[int]], widths: dict[str, int]) -> dict[str, list[int]]:

@@ -136,3 +136,22 @@ def test_iterative_schedule_reaches_the_same_width(tmp_path: Path) -> None:
         assert 0.4 <= layer["out_channels_after"] / layer["out_channels_before"] <= 0.6, layer["name"]
     assert [s["step"] for s in report["schedule"]] == [1, 2]
     assert "## Pruning schedule" in (out / "report.md").read_text()
+
+
+def test_from_sensitivity_prunes_only_the_layers_it_allows(tmp_path: Path) -> None:
+    sens = tmp_path / "sensitivity.json"
+    # hand-written sweep: layer "10" tolerates 50% within 1 point, layer "0" loses accuracy at once
+    sens.write_text(json.dumps({"baseline": 97.0, "layers": {
+        "10": {"modules": ["10"], "fractions": [0.25, 0.5, 0.75], "accuracy": [96.9, 96.5, 80.0]},
+        "0": {"modules": ["0"], "fractions": [0.25, 0.5, 0.75], "accuracy": [90.0, 80.0, 50.0]},
+    }}))
+    out = tmp_path / "b"
+    assert _cli(["run", "builtin:mnist_cnn", "--no-finetune", "--from-sensitivity", str(sens), "--bench-iters", "2",
+                 "--out", str(out), "-q"]) == 0
+    report = _check_bundle(out)
+    assert [layer["name"] for layer in report["layers"]] == ["10"]
+    assert report["layers"][0]["out_channels_after"] == 32  # int(64 * 0.5), a multiple of 8
+    assert report["ratio"] == round(32 / (32 + 32 + 64 + 64 + 128 + 10), 4)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": 3}))
+    assert _cli(["run", "builtin:mnist_cnn", "--from-sensitivity", str(bad), "--out", str(tmp_path / "c")]) == 2
