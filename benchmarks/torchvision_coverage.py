@@ -67,7 +67,11 @@ def family(name: str) -> str:
 
 def _generic(reason: str) -> str:
     """A skip reason without its fx node name, so equal reasons can be counted together."""
-    return re.sub(r"(at|of) node \S+", r"\1 node …", reason)
+    reason = re.sub(r"\(node [^)]*\)", "(node …)", reason)
+    reason = re.sub(r"(at|of) node \S+", r"\1 node …", reason)
+    reason = re.sub(r"convolution '[^']*'", "convolution '…'", reason)
+    reason = re.sub(r"\(groups=\d+\)", "(groups=…)", reason)
+    return re.sub(r"^\d+ of \d+ channels kept: ", "some channels kept: ", reason)
 
 
 def _limit_memory(gb: float) -> None:
@@ -449,7 +453,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for stage, msg in r["errors"].items():
             if not stage.startswith("tp"):
                 notes.append(f"- **{r['model']}**, {stage}: `{_short(msg, 300)}`")
-        reasons = o.get("skip_reasons") or {}
+        reasons = (dict(Counter(_generic(v) for v in o["skipped"].values()).most_common()) if o.get("skipped")
+                   else o.get("skip_reasons") or {})
         beyond_head = {k: v for k, v in reasons.items() if k != "reaches the model's output"}
         if beyond_head or not o.get("pruned"):
             why = "; ".join(f"{k} ×{v}" for k, v in list(reasons.items())[:4])

@@ -77,7 +77,9 @@ def run(
     calib_batches: Annotated[int, typer.Option(help="apoz: calibration batches.")] = 8,
     lottery_rounds: Annotated[int, typer.Option(help="lottery: pruning rounds.")] = 3,
     lottery_scope: Annotated[str, typer.Option(help="lottery: global | layer.")] = "global",
-    rewind_iter: Annotated[int, typer.Option(help="lottery: rewind to iteration k (0 = initialisation).")] = 0,
+    rewind_iter: Annotated[int, typer.Option(help="lottery: rewind survivors to their value after k training "
+                                                  "iterations (0 = the weights the run starts from: the "
+                                                  "initialisation of an untrained model, else the checkpoint).")] = 0,
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
