@@ -154,35 +154,20 @@ def fmt_ms(v: float | None) -> str:
     return "—" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def environment() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import onnxruntime
     import torchvision
 
+    from deploy_prune.bench import cpu_name, default_threads
+
     try:
         tp_version = version("torch-pruning")
     except PackageNotFoundError:
         tp_version = "not installed"
     return {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M %Z").strip(), "cpu": cpu_name(),
-            "cores": str(cpu_count()), "python": platform.python_version(), "torch": torch.__version__,
+            "cores": str(default_threads()), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "onnxruntime": onnxruntime.__version__,
             "torch-pruning": tp_version}
 
