@@ -297,12 +297,15 @@ def run(opts: RunOptions) -> dict[str, Any]:
         info["matched_ratio"] = round(matched, 4)
         # Channel counts move in steps, so the closest structured model sits a little below the ticket's
         # budget; the ticket's smallest surviving weights are trimmed to the same count (contract: within 1%).
+        # The trimmed ticket then gets the same finetuning budget as its structured twin, masks live.
         ticket_nonzero = count_nonzero(unstructured)
+        lottery_info["ticket_accuracy"] = _accuracy(unstructured, data)
         apply_masks(unstructured, count_nonzero(structured))
+        unstructured_before = _accuracy(unstructured, data)
+        _finetune(unstructured, data, opts, "finetune trimmed ticket")
         make_permanent(unstructured)
         lottery_info["ticket_nonzero"] = ticket_nonzero
         lottery_info["trimmed_to_match"] = ticket_nonzero - count_nonzero(unstructured)
-        unstructured_before = None
     else:
         say(f"pruning with {opts.criterion} at ratio {opts.ratio} ({opts.steps} step(s))")
         structured, kept, info = _structured(copy.deepcopy(dense), opts, shape, data, artifacts)
@@ -381,7 +384,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
             "arch": loaded.arch, "data": opts.data, "seed": opts.seed, "round_to": opts.round_to,
             "steps": opts.steps, "epochs": opts.epochs if data is not None else 0,
             "accuracy_before_finetune": {"structured": info.get("accuracy_before_finetune"),
-                                         "unstructured": unstructured_before if lottery_info is None else None},
+                                         "unstructured": unstructured_before},
             "cleanup": cleanup, "skipped_layers": info.get("skipped_layers", {}),
             "bench": {"method": result.method, "iters": opts.bench_iters},
             "notes": loaded.notes + ([] if data is not None else

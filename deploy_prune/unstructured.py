@@ -28,15 +28,15 @@ def apply_masks(model: nn.Module, target_nonzero: int) -> dict[str, torch.Tensor
     """
     layers = prunable_weights(model)
     nz_now = count_nonzero(model)
-    to_zero = nz_now - target_nonzero
-    if to_zero <= 0:
-        return {}
+    # Even with nothing left to zero, weights that are already zero (a lottery ticket) get a live mask, so
+    # finetuning cannot revive them.
+    to_zero = max(0, nz_now - target_nonzero)
     live = [int(torch.count_nonzero(m.weight.detach())) for _, m in layers]
     budget = sum(live)
     if to_zero > budget:
         raise BadInput("the structured model is smaller than any unstructured mask of this model can reach; "
                        "lower --ratio")
-    frac = to_zero / budget
+    frac = to_zero / budget if budget else 0.0
     amounts = [int(round(frac * n)) for n in live]
     # put the rounding remainder on the largest layer so the total is exact
     diff = to_zero - sum(amounts)
