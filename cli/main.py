@@ -80,6 +80,9 @@ def run(
     rewind_iter: Annotated[int, typer.Option(help="lottery: rewind survivors to their value after k training "
                                                   "iterations (0 = the weights the run starts from: the "
                                                   "initialisation of an untrained model, else the checkpoint).")] = 0,
+    reinit_control: Annotated[bool, typer.Option("--reinit-control", help="lottery: also train the ticket's mask "
+                                                                         "from a fresh random init (the paper's "
+                                                                         "control).")] = False,
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
@@ -107,6 +110,7 @@ def run(
         threads=threads, round_to=round_to, ignore=tuple(ignore or ()), max_layer_ratio=max_layer_ratio, scope=scope, steps=steps,
         l1_mode=l1_mode, sparsity=sparsity, sparsity_epochs=sparsity_epochs, calib_batches=calib_batches,
         lottery_rounds=lottery_rounds, lottery_scope=lottery_scope, rewind_iter=rewind_iter,
+        reinit_control=reinit_control,
         layer_ratios=layer_ratios, progress=not quiet,
     )
     report = run_pipeline(opts)

@@ -64,6 +64,7 @@ class RunOptions:
     lottery_rounds: int = 3
     lottery_scope: str = "global"
     rewind_iter: int = 0
+    reinit_control: bool = False
     layer_ratios: dict[str, float] = field(default_factory=dict)
     progress: bool = True
 
@@ -288,7 +289,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         res = find_ticket(copy.deepcopy(dense), data, target_sparsity=opts.ratio, rounds=opts.lottery_rounds,
                           scope=opts.lottery_scope, rewind_iter=opts.rewind_iter,
                           epochs_per_round=max(1, opts.epochs), lr=opts.lr or 1.2e-3, optimizer="adam",
-                          seed=opts.seed, progress=opts.progress)
+                          seed=opts.seed, progress=opts.progress, reinit_control=opts.reinit_control)
         unstructured = res.model
         lottery_info = {"history": res.history, "reinit_accuracy": getattr(res, "reinit_accuracy", None)}
         say("structured: L1 matched to the ticket's non-zero count")

@@ -112,6 +112,7 @@ def test_every_criterion_runs_on_digits_and_reports_accuracy(criterion: str, tmp
     out = tmp_path / criterion
     args = ["run", "builtin:mnist_cnn", "--data", "mnist5k", "--criterion", criterion, "--epochs", "1",
             "--bench-iters", "3", "--sparsity-epochs", "1", "--lottery-rounds", "2", "--calib-batches", "2",
+            *(["--reinit-control"] if criterion == "lottery" else []),
             "--out", str(out), "-q"]
     assert _cli(args) == 0
     report = _check_bundle(out)
@@ -124,6 +125,7 @@ def test_every_criterion_runs_on_digits_and_reports_accuracy(criterion: str, tmp
     if criterion == "lottery":
         assert report["lottery"]["history"]
         assert "## Lottery ticket rounds" in (out / "report.md").read_text()
+        assert isinstance(report["lottery"]["reinit_accuracy"], float)
 
 
 def test_iterative_schedule_reaches_the_same_width(tmp_path: Path) -> None:
