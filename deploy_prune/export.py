@@ -149,6 +149,11 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
         )
 
     dynamic_shapes = _dynamic_batch(model)
+    # torch.export specializes a dimension whose example value is 0 or 1, even when marked dynamic: ViT's
+    # ``class_token.expand(n, -1, -1)`` then bakes batch 1 into the graph, ORT's MatMul->Gemm fusion adds a
+    # Reshape to the static shape, and batch 2 fails at run time. Tracing with batch 2 keeps the dim symbolic.
+    if example.shape[0] < 2:
+        example = example[:1].expand(2, *example.shape[1:]).contiguous()
 
     try:
         device = next(model.parameters()).device
@@ -186,6 +191,26 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
 
     if sidecar.exists():  # not expected with external_data=False; a file without its data would be unusable
         raise DeployPruneError(f"export wrote an external-data sidecar {sidecar}; expected one self-contained file")
+    try:
+        _check_dynamic_batch(path)
+    except DeployPruneError:
+        path.unlink(missing_ok=True)  # a file that only runs at one batch size is not what was asked for
+        raise
+
+
+def _check_dynamic_batch(path: Path) -> None:
+    """Raise if the exported file fixed the batch dimension of its input or output to a number."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for value in (*graph.input, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            raise DeployPruneError(
+                f"the exported graph fixed the batch dimension of {value.name!r} to {dims[0].dim_value}: "
+                "the model's forward() makes the batch size static (e.g. a view with a hard-coded batch); "
+                "make it use x.shape[0] instead"
+            )
 
 
 def check_onnx(path: Path) -> None:

@@ -111,6 +111,51 @@ def test_export_is_one_checked_file_with_dynamic_batch(exported: dict, name: str
         assert y.shape[0] == batch
 
 
+class ClassToken(nn.Module):
+    """ViT's pattern: a learned token expanded to the batch size and concatenated, then a 3-D linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+        self.mlp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.head(self.mlp(x)[:, 0])
+
+
+class FixedBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, -1)
+
+
+def test_export_from_batch_one_keeps_batch_dynamic_under_ort_optimizations(tmp_path: Path) -> None:
+    # torch.export specializes a size-1 example dim; ORT then fuses MatMul->Gemm with a static Reshape and
+    # batch 3 fails. The export must trace with a batch of 2 so the file runs at any batch size.
+    torch.manual_seed(0)
+    model = ClassToken().eval()
+    path = tmp_path / "tok.onnx"
+    export_onnx(model, path, torch.randn(*SHAPE))
+    x = np.random.default_rng(0).standard_normal((3, *SHAPE[1:]), dtype=np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_a_fixed_batch_and_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(DeployPruneError, match="batch dimension") as info:
+        export_onnx(FixedBatch(), tmp_path / "f.onnx", torch.randn(*SHAPE))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "f.onnx").exists()
+
+
 def test_export_restores_train_mode(exported: dict) -> None:
     model, _ = exported["cnn"]
     assert model.training
