@@ -154,7 +154,8 @@ def inspect(
     info = {
         "model": model, "arch": loaded.arch, "input_shape": list(shape), "params": count_params(loaded.model),
         "macs": count_macs(loaded.model, shape), "notes": loaded.notes,
-        "groups": [{"id": g.id, "layers": list(g.modules), "channels": g.size, "multiple_of": g.multiple_of}
+        "groups": [{"id": g.id, "layers": list(g.modules), "channels": g.size, "multiple_of": g.multiple_of,
+                    "channels_per_class": g.channels_per_class}
                    for g in graph.groups],
         "skipped": graph.skipped,
     }

@@ -198,9 +198,12 @@ def _removed(model: nn.Module, ratio: float, seed: int = 0, round_to: int = 1) -
 def _silence(model: nn.Module, graph, removed: set[int]) -> None:
     """Zero every weight that reads a channel in ``removed`` (conv/linear inputs)."""
     for c in graph.consumers:
-        if c.role != "in":
+        if c.role not in ("in", "grouped"):
             continue
         roots = graph.el.roots(c.labels)
+        if c.role == "grouped":  # the weight's dim 1 indexes positions within a group
+            m = graph.module(c.name)
+            roots = roots[: m.in_channels // m.groups]
         cols = torch.tensor([i for i, r in enumerate(roots.tolist()) if r in removed], dtype=torch.long)
         if len(cols):
             with torch.no_grad():
@@ -291,11 +294,101 @@ def test_group_norm_keeps_a_multiple_of_its_groups() -> None:
     assert model.conv.out_channels == model.gn.num_channels < 16
 
 
-def test_grouped_conv_and_outputs_are_left_alone_with_reasons() -> None:
+def test_grouped_conv_keeps_its_groups_and_prunes_the_same_positions_in_each() -> None:
     model = _trained_stats(DepthwiseGrouped())
-    graph = analyze(model, SHAPE)
-    assert "grouped" in graph.skipped["grouped"]
+    graph, removed = _removed(model, 0.5)
+    assert "grouped" not in graph.skipped
     assert "output" in graph.skipped["head.2"]
+    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    conv = model.grouped
+    assert conv.groups == 4 and conv.in_channels == conv.out_channels == 8
+    assert conv.weight.shape == (8, 2, 3, 3)
+    # output j of group G is channel 4G + j: each group keeps the same relative positions
+    per_group = [sorted(k % 4 for k in changes["grouped"] if k // 4 == g) for g in range(4)]
+    assert all(p == per_group[0] for p in per_group) and len(per_group[0]) == 2
+    # the input side too: the producer of the grouped conv's input kept the same positions in every group
+    stem = changes["stem.0"]
+    assert sorted({k % 4 for k in stem}) == sorted(k % 4 for k in stem if k < 4) and len(stem) == 8
+
+
+class ChannelMultiplier(nn.Module):
+    """A depthwise conv with two outputs per input channel (groups == in_channels < out_channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.mult = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mult(self.stem(x)))
+
+
+def test_channel_multiplier_conv_is_left_alone_with_a_reason() -> None:
+    graph = analyze(_trained_stats(ChannelMultiplier()), SHAPE)
+    assert "channel multiplier" in graph.skipped["mult"]
+    assert "channel multiplier" in graph.skipped["stem.0"]
+
+
+def test_chunk_and_shuffle_keep_both_halves_equal() -> None:
+    model = _trained_stats(SplitShuffle())
+    graph, removed = _removed(model, 0.5)
+    assert not {"stem.0", "branch.5"} & set(graph.skipped)
+    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    stem = set(changes["stem.0"])
+    assert stem and all((j + 8) % 16 in stem for j in stem)  # chunk(2): position j of each half goes together
+    branch = changes["branch.5"]
+    # channel shuffle interleaves a[j] and branch[j]: both halves keep the same positions
+    assert sorted(branch) == sorted(j for j in stem if j < 8)
+
+
+class HardCodedShuffle(SplitShuffle):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, _, h, w = y.size()
+        y = y.view(n, 2, 8, h, w).transpose(1, 2).contiguous().view(n, 16, h, w)
+        return self.head(self.out(y))
+
+
+def test_shuffle_with_hard_coded_widths_is_protected() -> None:
+    graph = analyze(_trained_stats(HardCodedShuffle()), SHAPE)
+    assert "hard-coded" in graph.skipped["branch.5"]
+    assert "hard-coded" in graph.skipped["stem.0"]
+
+
+class SizedByOther(nn.Module):
+    """A shuffle of ``proj``'s output sized by the width of its *input* (the Swin ``C // heads`` pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.proj = nn.Conv2d(16, 32, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        y = self.proj(x).view(b, 2, c, h, w).transpose(1, 2).reshape(b, 2 * c, h, w)
+        return self.head(y)
+
+
+def test_reshape_sized_by_another_tensor_protects_both() -> None:
+    graph = analyze(_trained_stats(SizedByOther()), SHAPE)
+    assert "another tensor" in graph.skipped["proj"]
+    assert "another tensor" in graph.skipped["stem.0"]
+
+
+def test_kept_count_rounds_channels_not_classes_for_grouped_convs() -> None:
+    from deploy_prune.surgery import kept_count
+
+    cfg = PlanConfig(ratio=0.5, round_to=8)
+    # 16 positions in each of 4 groups: 8 positions x 4 groups = 32 channels is already a multiple of 8,
+    # so the class count only needs to be even
+    assert kept_count(16, 0.5, cfg, per_class=4) == 8
+    assert kept_count(16, 0.6, cfg, per_class=4) == 6  # int(6.4) = 6 positions = 24 channels
+    assert kept_count(8, 0.5, cfg, per_class=13) == 8  # 13 groups: only all 8 positions give a multiple of 8
 
 
 def test_hard_coded_reshape_is_protected() -> None:

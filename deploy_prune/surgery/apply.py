@@ -77,6 +77,11 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, removed: set[int]) 
             else:
                 _slice(m, "weight", k, 1)
                 m.in_channels = len(k)
+        elif role == "grouped":
+            # every group keeps the same relative positions (graph.py couples them): slice by group 0's
+            width = m.in_channels // m.groups
+            _slice(m, "weight", k[k < width], 1)
+            m.in_channels = len(k)
         elif role == "dw":
             _slice(m, "weight", k, 0)
             _slice(m, "bias", k, 0)

@@ -13,8 +13,8 @@ How it works (docs/design.md has the long form):
   at each input position.
 * After the pass, each union-find class is one prunable **channel**: removing it removes every member
   together, so coupled layers stay consistent by construction. A class that touches anything blocked
-  (the model's input or output, an op we do not understand, a grouped conv...) is left alone, and the
-  reason is kept for the report.
+  (the model's input or output, an op we do not understand, a conv with a channel multiplier...) is left
+  alone, and the reason is kept for the report.
 * A **group** is a set of classes tied together through their producer layers (a residual stage, a single
   conv, a concat branch); criteria score channels and the planner chooses per group.
 """
@@ -62,7 +62,8 @@ class Group:
     id: int
     modules: tuple[str, ...]
     channels: list[Channel]
-    multiple_of: int = 1  # kept count must be a multiple of this (GroupNorm groups)
+    multiple_of: int = 1  # kept *channel* count must be a multiple of this (GroupNorm groups)
+    channels_per_class: int = 1  # channels each class removes from one layer (a grouped conv's group count)
 
     @property
     def size(self) -> int:
@@ -74,7 +75,7 @@ class _Consumer:
     """A module reading labelled positions along ``dim`` of its input (conv/linear input, norm, depthwise)."""
 
     name: str
-    role: str  # "in" (conv/linear input), "norm", "dw" (depthwise: input and output channels)
+    role: str  # "in" (conv/linear input), "norm", "dw" (depthwise), "grouped" (grouped conv input)
     labels: torch.Tensor  # 1-D: element id at each position along dim
 
 
@@ -341,6 +342,9 @@ class DependencyGraph:
         for c in self.consumers:
             if c.name == name and c.role == "in":
                 return self.el.roots(c.labels)
+            if c.name == name and c.role == "grouped":  # the weight's dim 1 holds group 0's positions
+                m = self.module(name)
+                return self.el.roots(c.labels[: m.in_channels // m.groups])
         return None
 
     def layer_widths(self) -> dict[str, int]:
@@ -401,6 +405,10 @@ class _Propagator(fx.Interpreter):
         self.g = g
         self.el = g.el
         self.node: fx.Node | None = None
+        # Where sizes come from: a size tuple node -> {dim: labels of the tensor whose channel dim it measured},
+        # and an int node -> the label sets of the channel widths it was computed from (e.g. C // heads).
+        self.size_of: dict[str, dict[int, frozenset[int]]] = {}
+        self.width_of: dict[str, list[frozenset[int]]] = {}
 
     # -- helpers --
     def _where(self) -> str:
@@ -457,7 +465,9 @@ class _Propagator(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.node = n
         try:
-            return super().run_node(n)
+            out = super().run_node(n)
+            self._track_widths(n)
+            return out
         except UnsupportedModel:
             raise
         except Exception as exc:  # noqa: BLE001 - an op we could not follow is treated as an unknown op
@@ -466,6 +476,38 @@ class _Propagator(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
             return self._unknown(args, kwargs, f"{self._where()} (not analysable: {msg})")
+
+    def _track_widths(self, n: fx.Node) -> None:
+        """Record which tensor's channel width a size value measures (see ``_reshape_problem``)."""
+        def labels(a: Any) -> Any:
+            return self.env.get(a) if isinstance(a, fx.Node) else None
+
+        if (n.op == "call_method" and n.target == "size") or (
+                n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape"):
+            src = labels(n.args[0])
+            if not isinstance(src, torch.Tensor):
+                return
+            vd = _varying_dims(src)
+            if not vd:
+                return
+            ids = frozenset(_distinct(src).tolist())
+            dim = n.args[1] if n.op == "call_method" and len(n.args) > 1 else n.kwargs.get("dim")
+            if isinstance(dim, int):
+                if dim % src.dim() in vd:
+                    self.width_of[n.name] = [ids]
+            else:
+                self.size_of[n.name] = {k: ids for d in vd for k in (d, d - src.dim())}
+            return
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            src = self.size_of.get(n.args[0].name)
+            if src is not None and isinstance(n.args[1], int) and n.args[1] in src:
+                self.width_of[n.name] = [src[n.args[1]]]
+            return
+        if n.op == "call_function" and not any(isinstance(labels(a), torch.Tensor) for a in n.args):
+            found: list[frozenset[int]] = []
+            fx.node.map_arg((n.args, n.kwargs), lambda a: found.extend(self.width_of.get(a.name, [])))
+            if found:
+                self.width_of[n.name] = found
 
     def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
         real = super().placeholder(target, args, kwargs)
@@ -589,7 +631,23 @@ class _Propagator(fx.Interpreter):
             shape = _meta_shapes(self.node)  # type: ignore[arg-type]
             vec = self._read(name, "dw", x, 1)
             return _along(vec, 1, shape)
-        reason = f"grouped convolution '{name}' (groups={m.groups}) keeps its channel structure"
+        w_in, w_out = m.in_channels // m.groups, m.out_channels // m.groups
+        if w_in > 1:
+            # A grouped conv (ResNeXt, RegNet) stays valid when every group keeps the same number of input and
+            # of output channels. Coupling the channel at relative position j of every group guarantees that
+            # (Torch-Pruning does the same): input position j and output position j are then each pruned in
+            # all groups at once, the conv keeps its group count, and its weight [C_out, w_in, k, k] is sliced
+            # along dim 1 by the kept relative input positions.
+            vec = self._read(name, "grouped", x, 1).reshape(m.groups, w_in)
+            for G in range(1, m.groups):
+                self.el.union_pairs(vec[0], vec[G])
+            out = self._produce(name, m.out_channels, 1)
+            ids = self.g.producer_ids[name].reshape(m.groups, w_out)
+            for G in range(1, m.groups):
+                self.el.union_pairs(ids[0], ids[G])
+            return out
+        reason = (f"convolution '{name}' with a channel multiplier (groups={m.groups}, "
+                  f"{m.out_channels} outputs from {m.in_channels} inputs) keeps its channel structure")
         self.el.block(x, reason)
         if name not in self.g.producer_ids:
             self.g.producer_ids[name] = self.el.new(m.out_channels, "out", name, reason)
@@ -667,25 +725,108 @@ class _Propagator(fx.Interpreter):
         assert self.node is not None
         x = args[0]
         if target in _RESHAPES and isinstance(x, torch.Tensor):
-            flat: list[Any] = []
-            fx.node.map_aggregate(self.node.args[1:], flat.append)
-            literal = [a for a in flat if isinstance(a, int) and not isinstance(a, bool) and a > 1]
             shape = kwargs.get("shape", kwargs.get("size", args[1:]))
             if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
                 shape = tuple(shape[0])
             before = _varying_dims(x)
             out = x.reshape(*shape)
-            after = _varying_dims(out)
-            if before and (literal or len(after) > len(before)):
-                why = ("a reshape with a hard-coded size" if literal
-                       else "a reshape that splits the channel dimension (e.g. channel shuffle)")
-                self.el.block(x, f"passes through {why} at node {self.node.name}")
+            if before:
+                why = self._reshape_problem(out, before) or self._sized_by_other(x)
+                if why:
+                    self.el.block(x, f"passes through {why} at node {self.node.name}")
             return out
         out = getattr(x, target)(*args[1:], **kwargs) if isinstance(target, str) else target(*args, **kwargs)
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
         if isinstance(x, torch.Tensor) and name in _SLICING:
             self._check_slicing(name, x, args, kwargs)
         return out
+
+    def _sized_by_other(self, x: torch.Tensor) -> str | None:
+        """A size computed from *another* tensor's channel count (Swin-style ``qkv.reshape(B, N, 3, heads,
+        C // heads)`` with ``C`` read from the block's input) ties two widths we would prune independently."""
+        assert self.node is not None
+        found: list[frozenset[int]] = []
+        fx.node.map_arg((self.node.args[1:], self.node.kwargs),
+                        lambda a: found.extend(self.width_of.get(a.name, [])))
+        mine = frozenset(_distinct(x).tolist())
+        others = [f for f in found if f != mine]
+        if not others:
+            return None
+        reason = "a reshape sized by another tensor's channel count"
+        for f in others:
+            self.el.block(torch.tensor(sorted(f), dtype=torch.long), f"passes through {reason} at node "
+                          f"{self.node.name}")
+        return reason
+
+    def _size_args(self, ndim: int) -> list[Any] | None:
+        """The requested size of each output dim of the current view/reshape node, as written in the code: an
+        ``int`` literal, or an fx node (a size computed at run time). None when they cannot be matched up."""
+        assert self.node is not None
+        n = self.node
+        sizes: Any = n.kwargs.get("shape", n.kwargs.get("size", n.args[1:]))
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        sizes = list(sizes)
+        return sizes if len(sizes) == ndim else None
+
+    def _reshape_problem(self, out: torch.Tensor, before: list[int]) -> str | None:
+        """Why a reshape of a tensor whose labels vary along ``before`` is unsafe to prune through, or None.
+
+        A size written as a literal along a dim that carries channels is fixed in the code, so the pruned
+        model would no longer fit it: blocked. A reshape that splits the channel dim into ``(g, C // g)``
+        (channel shuffle, grouped attention) with the literal ``g`` and a computed ``C // g`` stays valid when
+        every one of the ``g`` slices loses the same positions, so channel j of each slice is coupled.
+        """
+        after = _varying_dims(out)
+        sizes = self._size_args(out.dim())
+        flat: list[Any] = []
+        fx.node.map_aggregate(self.node.args[1:], flat.append)  # type: ignore[union-attr]
+        if sizes is None:  # e.g. view(other.size()): sizes cannot be matched to dims
+            sizes = [v for v in flat if not isinstance(v, (tuple, list))]
+            if len(sizes) != out.dim():
+                sizes = [None] * out.dim()
+        literal = {d for d, v in enumerate(sizes) if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+        # Conservative on purpose: a literal anywhere (even a spatial window size, as in MaxViT's partitions)
+        # blocks, because the computed sizes next to it may come from another tensor whose width we prune.
+        if len(after) <= len(before) or len(before) != 1:
+            if literal:
+                return "a reshape with a hard-coded size"
+            return None if len(after) <= len(before) else "a reshape that splits the channel dimension"
+        groups = [d for d in after if d in literal]
+        units = [d for d in after if d not in literal]
+        if (len(units) != 1 or not groups or literal - set(groups)
+                or after != list(range(after[0], after[-1] + 1))):
+            return "a reshape that splits the channel dimension into hard-coded sizes"
+        idx = [slice(None) if d in after else 0 for d in range(out.dim())]
+        t = out[tuple(idx)].movedim(after.index(units[0]), -1)
+        rows = t.reshape(-1, t.shape[-1])
+        for r in rows[1:]:
+            self.el.union_pairs(rows[0], r)
+        return None
+
+    def _couple_equal_chunks(self, name: str, x: torch.Tensor, dim: int, args: Any, kwargs: Any) -> bool:
+        """``chunk(k)`` (or ``split`` by a computed size) along the channel dim cuts the pruned width into equal
+        parts at run time: that matches the analysis when every part loses the same positions, so position j
+        of each part is coupled. Returns False when the cut is not of that kind."""
+        assert self.node is not None
+        n = x.shape[dim]
+        if name == "chunk":
+            k = kwargs.get("chunks", args[1] if len(args) > 1 else None)
+        elif name == "split":
+            size_arg = self.node.kwargs.get("split_size_or_sections", self.node.kwargs.get(
+                "split_size", self.node.args[1] if len(self.node.args) > 1 else None))
+            size = kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
+            if not isinstance(size_arg, fx.Node) or not isinstance(size, int) or size <= 0 or n % size:
+                return False
+            k = n // size
+        else:
+            return False
+        if not isinstance(k, int) or k <= 1 or n % k:
+            return False
+        parts = _vector(x, dim).reshape(k, n // k)
+        for r in parts[1:]:
+            self.el.union_pairs(parts[0], r)
+        return True
 
     def _check_slicing(self, name: str, x: torch.Tensor, args: Any, kwargs: Any) -> None:
         """Splitting or slicing along a channel dim fixes positions at trace time, but at run time the pruned
@@ -705,6 +846,8 @@ class _Propagator(fx.Interpreter):
             cut = {int(dim) % x.dim()} if isinstance(dim, int) else varying
         if cut & varying:
             assert self.node is not None
+            if varying == cut and len(cut) == 1 and self._couple_equal_chunks(name, x, next(iter(cut)), args, kwargs):
+                return
             self.el.block(x, f"is split or sliced along the channel dimension at node {self.node.name}")
 
 
@@ -776,7 +919,9 @@ def _build_groups(g: DependencyGraph) -> None:
         if partial:
             for m in mods:
                 g.skipped.setdefault(m, f"{len(partial)} of {len(roots)} channels kept: {partial[0]}")
-        g.groups.append(Group(gid, tuple(mods), chans, mult))
+        per_layer = {sum(1 for mm, _ in c.producers if mm == m) for c in chans for m in mods}
+        per_class = max(per_layer) if len(per_layer - {0}) == 1 else 1
+        g.groups.append(Group(gid, tuple(mods), chans, mult, per_class))
         gid += 1
 
 

@@ -31,11 +31,21 @@ class PlanConfig:
     scope: str | None = None  # "local" | "global"; None = the criterion's own (slimming: global)
 
 
-def kept_count(n: int, ratio: float, cfg: PlanConfig, multiple_of: int = 1) -> int:
-    """How many of ``n`` channels a group keeps at ``ratio`` (see the module docstring)."""
+def kept_count(n: int, ratio: float, cfg: PlanConfig, multiple_of: int = 1, per_class: int = 1) -> int:
+    """How many of a group's ``n`` channel classes it keeps at ``ratio`` (see the module docstring).
+
+    ``multiple_of`` and ``cfg.round_to`` constrain the kept *channel* count of each layer, which is the kept
+    class count times ``per_class`` (a grouped conv's classes hold one channel per group): the class count is
+    rounded to the smallest step that makes the channel count a multiple of both.
+    """
     if ratio <= 0 or n <= 1:
         return n
-    step = math.lcm(max(1, cfg.round_to), max(1, multiple_of))
+
+    def classes(multiple: int) -> int:
+        multiple = max(1, multiple)
+        return multiple // math.gcd(multiple, max(1, per_class))
+
+    step = math.lcm(classes(cfg.round_to), classes(multiple_of))
     keep = int(n * (1 - ratio) + 1e-9)
     keep = max(keep, 1, math.ceil(n * (1 - cfg.max_layer_ratio) - 1e-9))
     if step > 1:
@@ -98,11 +108,11 @@ def select(graph: DependencyGraph, criterion: Criterion, cfg: PlanConfig) -> set
         for (g, s), n_below in zip(scored, below):
             if n_below == 0:
                 continue
-            keep = kept_count(g.size, n_below / g.size, cfg, g.multiple_of)
+            keep = kept_count(g.size, n_below / g.size, cfg, g.multiple_of, g.channels_per_class)
             removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
         return removed
     for g in graph.groups:
-        keep = kept_count(g.size, _group_ratio(g, cfg), cfg, g.multiple_of)
+        keep = kept_count(g.size, _group_ratio(g, cfg), cfg, g.multiple_of, g.channels_per_class)
         if keep >= g.size:
             continue
         s = _check(criterion, g, criterion.score(graph, g, frozenset(removed)))
