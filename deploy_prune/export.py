@@ -2,8 +2,10 @@
 
 The three stages mirror what a deployment engineer does by hand (``docs/deploy.md`` §1-2, §8):
 
-* :func:`export_onnx` runs the dynamo exporter (the default since torch 2.9) with a dynamic batch dimension,
-  ``external_data=False`` (never a ``.onnx.data`` sidecar) and the fixed I/O names ``input`` / ``logits``.
+* :func:`export_onnx` runs the dynamo exporter (the default since torch 2.9) with a dynamic batch dimension
+  and the fixed I/O names ``input`` / ``logits``. Weights are stored inside the file unless they exceed
+  protobuf's 2 GiB limit (RegNet-Y-128GF, ViT-H/14): then they go to one ``<file>.onnx.data`` sidecar, which
+  must travel with the file.
   The exporter's own optimizer already folds BatchNorm into Conv.
 * :func:`cleanup_onnx` is a *tidiness* pass with onnx-graphsurgeon (constant folding, Identity removal, dead
   code removal). ORT's own optimizer does all of that at load time, so it does not make anything faster; the
@@ -18,8 +20,8 @@ import contextlib
 import inspect
 import io
 import logging
-import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -50,6 +52,25 @@ _TINY_OUTPUT = 1e-6
 # Folding constants bigger than this would bloat the file (polygraphy's default threshold is 16 MiB too).
 _FOLD_SIZE_THRESHOLD = 16 * 2**20
 _MAX_CLEANUP_PASSES = 5
+#: Weights above this many bytes cannot live inside one protobuf (2 GiB hard limit, less the graph itself).
+INLINE_LIMIT = 1_800_000_000
+
+
+def sidecar_of(path: Path) -> Path:
+    """The external-data file that belongs to ``path`` (``model.onnx`` -> ``model.onnx.data``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def onnx_size(path: Path) -> int:
+    """Bytes of an ONNX model on disk: the file plus its external-data sidecar, if it has one."""
+    side = sidecar_of(path)
+    return Path(path).stat().st_size + (side.stat().st_size if side.exists() else 0)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,12 +142,14 @@ def _export_reason(exc: BaseException) -> str:
     return f"{stage} ({_one_line(root)})"
 
 
-def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: int = 18) -> None:
-    """Export ``model`` to one self-contained ONNX file with a dynamic batch dimension.
+def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: int = 18,
+                external_data: bool | None = None) -> None:
+    """Export ``model`` to an ONNX file with a dynamic batch dimension.
 
     The model is exported in eval mode, on CPU, without gradients; its original device and train/eval mode
     are restored afterwards. The file has one input ``input`` (dim 0 named ``batch``) and one output
-    ``logits``, and all weights are stored inline (no ``.onnx.data`` sidecar).
+    ``logits``. Weights are stored inline unless they exceed :data:`INLINE_LIMIT` bytes; then they go to
+    one sidecar, :func:`sidecar_of` ``(path)``.
 
     Args:
         model: the model to export. ``torch.nn.utils.prune`` reparametrizations must already be removed
@@ -134,6 +157,7 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
         path: the ``.onnx`` file to write; parent folders are created.
         example: an example input (its batch size does not matter; the batch dimension is exported as dynamic).
         opset: the ONNX opset. torch's minimum is 18; lower values come out as 18 anyway (docs/deploy.md §1).
+        external_data: force (True) or forbid (False) the sidecar; None decides by the weights' size.
 
     Raises:
         DeployPruneError: the model still carries pruning reparametrizations, or the exporter failed. The
@@ -162,8 +186,10 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
     was_training = model.training
     path.parent.mkdir(parents=True, exist_ok=True)
     # A sidecar beside the file we overwrite can only be that file's old external data: it would be stale.
-    sidecar = path.with_name(path.name + ".data")
+    sidecar = sidecar_of(path)
     sidecar.unlink(missing_ok=True)
+    if external_data is None:
+        external_data = _weight_bytes(model) > INLINE_LIMIT
     model.eval().cpu()
     log = io.StringIO()
     try:
@@ -176,7 +202,7 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
                 output_names=[OUTPUT_NAME],
                 opset_version=opset,
                 dynamic_shapes=dynamic_shapes,
-                external_data=False,
+                external_data=external_data,
                 dynamo=True,
             )
     except Exception as exc:  # the exporter raises many unrelated types; all mean "could not export"
@@ -189,12 +215,13 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
         model.train(was_training)
     logger.debug("exporter output for %s:\n%s", path, log.getvalue())
 
-    if sidecar.exists():  # not expected with external_data=False; a file without its data would be unusable
+    if sidecar.exists() and not external_data:  # a file whose data lives elsewhere was not what we asked for
         raise DeployPruneError(f"export wrote an external-data sidecar {sidecar}; expected one self-contained file")
     try:
         _check_dynamic_batch(path)
     except DeployPruneError:
         path.unlink(missing_ok=True)  # a file that only runs at one batch size is not what was asked for
+        sidecar.unlink(missing_ok=True)
         raise
 
 
@@ -226,7 +253,13 @@ def check_onnx(path: Path) -> None:
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
-        onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
+        if _has_external_data(onnx.load(str(path), load_external_data=False)):
+            # in-memory inference needs the whole model in one protobuf; the path-based one has no 2 GiB limit
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
+                                                       check_type=True, strict_mode=True)
+        else:
+            onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
     except Exception as exc:  # ValidationError, InferenceError, DecodeError, OSError
         raise DeployPruneError(f"{path} is not a valid ONNX model: {_one_line(exc)}") from exc
 
@@ -298,6 +331,12 @@ def _quiet_gs_logger() -> contextlib.AbstractContextManager[None]:
     return quiet()
 
 
+def _has_external_data(model: Any) -> bool:
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def cleanup_onnx(src: Path, dst: Path) -> dict[str, Any]:
     """Tidy an ONNX graph with onnx-graphsurgeon: fold constants, bypass Identity nodes, drop dead nodes.
 
@@ -321,6 +360,7 @@ def cleanup_onnx(src: Path, dst: Path) -> dict[str, Any]:
 
     src, dst = Path(src), Path(dst)
     try:
+        external = _has_external_data(onnx.load(str(src), load_external_data=False))
         model = onnx.load(str(src))
     except Exception as exc:
         raise DeployPruneError(f"cannot read ONNX model {src}: {_one_line(exc)}") from exc
@@ -343,16 +383,24 @@ def cleanup_onnx(src: Path, dst: Path) -> dict[str, Any]:
     cleaned.metadata_props.extend(model.metadata_props)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside dst and rename, so dst == src works and a failed check never leaves a broken file at dst.
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Write into a temporary folder beside dst and move into place, so dst == src works and a failed check
+    # never leaves a broken file at dst. A sidecar is named after dst, since the file records its location.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".cleanup-", dir=dst.parent))
+    tmp = tmp_dir / dst.name
     try:
-        onnx.save_model(cleaned, str(tmp))
+        if external:
+            onnx.save_model(cleaned, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=sidecar_of(dst).name, size_threshold=1024)
+        else:
+            onnx.save_model(cleaned, str(tmp))
         check_onnx(tmp)
+        if external:
+            sidecar_of(tmp).replace(sidecar_of(dst))
+        else:
+            sidecar_of(dst).unlink(missing_ok=True)
         tmp.replace(dst)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     after = _op_counts(cleaned)
     return {
         "nodes_before": sum(before.values()),

@@ -364,7 +364,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
             st = result.stats[kind]
             variants_out.append({
                 "kind": kind, "onnx": FILES[kind], "params": count_params(m), "nonzero_params": count_nonzero(m),
-                "macs": count_macs(m, shape), "onnx_bytes": (staging / FILES[kind]).stat().st_size,
+                "macs": count_macs(m, shape), "onnx_bytes": exportmod.onnx_size(staging / FILES[kind]),
                 "latency_ms": st.to_dict(), "speedup_vs_dense": round(dense_p50 / st.p50, 4),
                 "accuracy": accs[kind],
                 "parity": {"max_abs_diff": float(parity[kind]["max_abs_diff"]), "ok": bool(parity[kind]["ok"])},

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.nn.utils import prune
 
 from deploy_prune.errors import DeployPruneError
-from deploy_prune.export import check_onnx, cleanup_onnx, export_onnx, parity
+from deploy_prune.export import check_onnx, cleanup_onnx, export_onnx, onnx_size, parity, sidecar_of
 
 SHAPE = (1, 3, 16, 16)
 
@@ -154,6 +154,32 @@ def test_export_refuses_a_fixed_batch_and_leaves_no_file(tmp_path: Path) -> None
         export_onnx(FixedBatch(), tmp_path / "f.onnx", torch.randn(*SHAPE))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_large_weights_go_to_one_sidecar_that_cleanup_and_parity_follow(tmp_path: Path) -> None:
+    # forced here on a tiny model; by default this happens above protobuf's 2 GiB limit (RegNet-Y-128GF)
+    torch.manual_seed(0)
+    model = _give_bn_statistics(TwoConvCNN(), 4).eval()
+    raw, clean = tmp_path / "raw" / "m.onnx", tmp_path / "m.onnx"
+    export_onnx(model, raw, torch.randn(*SHAPE), external_data=True)
+    assert sidecar_of(raw).exists()
+    cleanup_onnx(raw, clean)
+    assert sidecar_of(clean).exists() and onnx_size(clean) > clean.stat().st_size
+    proto = onnx.load(str(clean), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"m.onnx.data"}  # named after the cleaned file, not the raw one
+    check_onnx(clean)
+    cleanup_onnx(clean, clean)  # in place: the sidecar is rewritten, not lost
+    x = np.random.default_rng(0).standard_normal((2, *SHAPE[1:]), dtype=np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_ort_run(clean, x), want, rtol=1e-4, atol=1e-5)
+    assert parity(clean, model, [torch.from_numpy(x)])["ok"]
+
+
+def test_small_model_has_no_sidecar(exported: dict) -> None:
+    _, path = exported["cnn"]
+    assert not sidecar_of(path).exists() and onnx_size(path) == path.stat().st_size
 
 
 def test_export_restores_train_mode(exported: dict) -> None:
