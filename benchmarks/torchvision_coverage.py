@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import re
@@ -87,7 +88,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import compare_torch_pruning as C
     from deploy_prune.bench import benchmark, make_session
-    from deploy_prune.export import cleanup_onnx, export_onnx, parity
+    from deploy_prune.export import cleanup_onnx, export_onnx, onnx_size, parity, sidecar_of
     from deploy_prune.metrics import count_macs, count_params
 
     torch.set_num_threads(args.threads)
@@ -152,9 +153,12 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             fail(f"{tool} forward", exc)
         lap(f"{tool} prune")
 
+    del dense, m  # from here on each model lives only in ``models`` and is dropped once exported and checked
     files: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix=f"cov-{name}-") as tmp:
-        for kind, m in models.items():
+        for kind in list(models):
+            m = models.pop(kind)
+            gc.collect()
             if kind != "dense" and not r[kind].get("pruned"):
                 continue  # nothing to compare: it is the dense model
             raw, clean = Path(tmp) / f"{kind}.raw.onnx", Path(tmp) / f"{kind}.onnx"
@@ -162,8 +166,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 export_onnx(m, raw, example)
                 cleanup_onnx(raw, clean)
                 raw.unlink()
+                sidecar_of(raw).unlink(missing_ok=True)
                 files[kind] = clean
-                r[kind]["onnx_bytes"] = clean.stat().st_size
+                r[kind]["onnx_bytes"] = onnx_size(clean)
+                r[kind]["external_data"] = sidecar_of(clean).exists()
                 r[kind]["export"] = True
             except Exception as exc:  # noqa: BLE001
                 r[kind]["export"] = False
