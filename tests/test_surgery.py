@@ -227,6 +227,31 @@ def test_removing_silent_channels_keeps_the_output(cls: type) -> None:
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "regnet_y_400mf", "resnext50_32x4d"])
+def test_removing_silent_channels_keeps_the_output_of_torchvision_models(name: str) -> None:
+    # the real graphs: chunk + channel shuffle, grouped convs with squeeze-and-excitation, grouped bottlenecks
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    shape = (1, 3, 64, 64)
+    graph = analyze(model, shape)
+    crit = create("random")
+    crit.prepare(model, graph, ScoreContext(seed=0))
+    removed = select(graph, crit, PlanConfig(ratio=0.5))
+    assert removed
+    _silence(model, graph, removed)
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        before = model(x)
+    prune_channels(model, graph, removed)
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    grouped = [m for m in model.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
+    assert all(m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0 for m in grouped)
+
+
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
 def test_pruned_model_runs_exports_and_matches_onnx(cls: type, tmp_path: Path) -> None:
     model = _trained_stats(cls())
