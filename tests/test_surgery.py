@@ -173,10 +173,35 @@ class HardCodedView(nn.Module):
         return self.fc(y.view(-1, 16 * 4 * 4))
 
 
+class _StraightThroughClamp(torch.autograd.Function):
+    """A custom autograd function (the kind Torch-Pruning's autograd tracing cannot follow)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class CustomAutograd(nn.Module):
+    """conv blocks around a custom autograd function: fx records its element-wise forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 16), cbr(16, 16), cbr(16, 16)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c(_StraightThroughClamp.apply(self.b(self.a(x)))))
+
+
 SHAPE = (1, 3, 16, 16)
-MODELS = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, Norms, ConvNeXtBlock, HardCodedView]
+MODELS = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, Norms, ConvNeXtBlock, HardCodedView,
+          CustomAutograd]
 # models whose every op is per-channel (no LayerNorm/GroupNorm mixing channels), for the silent-channel test
-PER_CHANNEL = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, HardCodedView]
+PER_CHANNEL = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, HardCodedView, CustomAutograd]
 
 
 def _trained_stats(model: nn.Module) -> nn.Module:
