@@ -154,7 +154,8 @@ def inspect(
     info = {
         "model": model, "arch": loaded.arch, "input_shape": list(shape), "params": count_params(loaded.model),
         "macs": count_macs(loaded.model, shape), "notes": loaded.notes,
-        "groups": [{"id": g.id, "layers": list(g.modules), "channels": g.size, "multiple_of": g.multiple_of,
+        "groups": [{"id": g.id, "layers": list(g.modules), "channels": g.size * g.channels_per_class,
+                    "classes": g.size, "multiple_of": g.multiple_of,
                     "channels_per_class": g.channels_per_class}
                    for g in graph.groups],
         "skipped": graph.skipped,
@@ -168,7 +169,9 @@ def inspect(
     typer.echo(f"\n{len(graph.groups)} prunable channel groups:")
     for g in graph.groups:
         layers = ", ".join(g.modules[:4]) + (f" (+{len(g.modules) - 4} more)" if len(g.modules) > 4 else "")
-        typer.echo(f"  #{g.id:<3} {g.size:>5} channels  {layers}")
+        per = g.channels_per_class
+        width = f"{g.size * per:>5} channels" + (f" (pruned in {g.size} sets of {per})" if per > 1 else "")
+        typer.echo(f"  #{g.id:<3} {width}  {layers}")
     if graph.skipped:
         typer.echo(f"\n{len(graph.skipped)} layers not (fully) prunable:")
         for name, why in graph.skipped.items():
