@@ -392,6 +392,34 @@ def test_chunk_and_shuffle_keep_both_halves_equal() -> None:
     assert sorted(branch) == sorted(j for j in stem if j < 8)
 
 
+class SplitByComputedSize(SplitShuffle):
+    """``split`` by a size computed from the tensor's own width behaves like ``chunk(2)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = x.split(x.shape[1] // 2, dim=1)
+        return self.head(self.out(torch.cat([a, self.branch(b)], 1)))
+
+
+class SplitByLiteralSizes(SplitShuffle):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = torch.split(x, [8, 8], dim=1)
+        return self.head(self.out(torch.cat([a, self.branch(b)], 1)))
+
+
+def test_split_by_computed_size_is_coupled_and_by_literal_sizes_is_protected() -> None:
+    model = _trained_stats(SplitByComputedSize())
+    graph, removed = _removed(model, 0.5)
+    assert "stem.0" not in graph.skipped
+    changes = {c.name: set(c.kept) for c in prune_channels(model, graph, removed)}
+    assert all((j + 8) % 16 in changes["stem.0"] for j in changes["stem.0"])
+    with torch.no_grad():
+        assert model(torch.randn(2, *SHAPE[1:])).shape == (2, 5)
+    literal = analyze(_trained_stats(SplitByLiteralSizes()), SHAPE)
+    assert "split or sliced" in literal.skipped["stem.0"]
+
+
 class HardCodedShuffle(SplitShuffle):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
