@@ -458,15 +458,28 @@ def test_reshape_sized_by_another_tensor_protects_both() -> None:
     assert "another tensor" in graph.skipped["stem.0"]
 
 
-def test_kept_count_rounds_channels_not_classes_for_grouped_convs() -> None:
+def test_kept_count_rounds_channels_and_group_widths() -> None:
     from deploy_prune.surgery import kept_count
 
     cfg = PlanConfig(ratio=0.5, round_to=8)
-    # 16 positions in each of 4 groups: 8 positions x 4 groups = 32 channels is already a multiple of 8,
-    # so the class count only needs to be even
-    assert kept_count(16, 0.5, cfg, per_class=4) == 8
-    assert kept_count(16, 0.6, cfg, per_class=4) == 6  # int(6.4) = 6 positions = 24 channels
-    assert kept_count(8, 0.5, cfg, per_class=13) == 8  # 13 groups: only all 8 positions give a multiple of 8
+    # classes of 4 channels each in ordinary layers (coupled halves): 6 classes = 24 channels is enough
+    assert kept_count(12, 0.5, cfg, per_class=4) == 6
+    # classes spanning the groups of a grouped conv: the class count is each group's width and is rounded,
+    # 120 -> 60 -> 64 per group (RegNet-X-8GF ran faster with 64 per group than with 60)
+    assert kept_count(120, 0.5, cfg, per_class=6, grouped=True) == 64
+    assert kept_count(8, 0.5, cfg, per_class=13, grouped=True) == 8  # one 8-wide block per group: untouched
+
+
+def test_grouped_conv_keeps_round_to_channels_per_group() -> None:
+    model = _trained_stats(DepthwiseGrouped())
+    graph = analyze(model, SHAPE)
+    group = next(g for g in graph.groups if "grouped" in g.modules)
+    assert group.grouped and group.channels_per_class == 4
+    crit = create("random")
+    crit.prepare(model, graph, ScoreContext(seed=0))
+    removed = select(graph, crit, PlanConfig(ratio=0.5, round_to=2))
+    prune_channels(model, graph, removed)
+    assert (model.grouped.out_channels // model.grouped.groups) % 2 == 0
 
 
 def test_hard_coded_reshape_is_protected() -> None:

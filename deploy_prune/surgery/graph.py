@@ -64,6 +64,7 @@ class Group:
     channels: list[Channel]
     multiple_of: int = 1  # kept *channel* count must be a multiple of this (GroupNorm groups)
     channels_per_class: int = 1  # channels each class removes from one layer (a grouped conv's group count)
+    grouped: bool = False  # classes span the groups of a grouped conv: the class count is each group's width
 
     @property
     def size(self) -> int:
@@ -883,6 +884,10 @@ def _build_groups(g: DependencyGraph) -> None:
     # GroupNorm: kept channels must stay divisible by num_groups
     gn_groups: dict[str, int] = {c.name: g.model.get_submodule(c.name).num_groups for c in g.consumers
                                  if isinstance(g.model.get_submodule(c.name), nn.GroupNorm)}
+    # classes read by, or written by, a grouped conv (its relative positions are coupled across groups)
+    grouped_roots = {r for c in g.consumers if c.role == "grouped" for r in el.roots(c.labels).tolist()}
+    grouped_mods = {n for n in g.order if isinstance(g.model.get_submodule(n), _CONV)
+                    and 1 < g.model.get_submodule(n).groups < g.model.get_submodule(n).in_channels}
     # producer modules tied together through shared classes
     parent = {m: m for m in g.order}
 
@@ -921,7 +926,8 @@ def _build_groups(g: DependencyGraph) -> None:
                 g.skipped.setdefault(m, f"{len(partial)} of {len(roots)} channels kept: {partial[0]}")
         per_layer = {sum(1 for mm, _ in c.producers if mm == m) for c in chans for m in mods}
         per_class = max(per_layer) if len(per_layer - {0}) == 1 else 1
-        g.groups.append(Group(gid, tuple(mods), chans, mult, per_class))
+        grouped = bool(grouped_mods & set(mods)) or any(c.root in grouped_roots for c in chans)
+        g.groups.append(Group(gid, tuple(mods), chans, mult, per_class, grouped))
         gid += 1
 
 

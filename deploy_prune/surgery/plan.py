@@ -31,12 +31,14 @@ class PlanConfig:
     scope: str | None = None  # "local" | "global"; None = the criterion's own (slimming: global)
 
 
-def kept_count(n: int, ratio: float, cfg: PlanConfig, multiple_of: int = 1, per_class: int = 1) -> int:
+def kept_count(n: int, ratio: float, cfg: PlanConfig, multiple_of: int = 1, per_class: int = 1,
+               grouped: bool = False) -> int:
     """How many of a group's ``n`` channel classes it keeps at ``ratio`` (see the module docstring).
 
-    ``multiple_of`` and ``cfg.round_to`` constrain the kept *channel* count of each layer, which is the kept
-    class count times ``per_class`` (a grouped conv's classes hold one channel per group): the class count is
-    rounded to the smallest step that makes the channel count a multiple of both.
+    ``multiple_of`` (GroupNorm) constrains the kept *channel* count of each layer, which is the kept class count
+    times ``per_class``. ``cfg.round_to`` does too, except for a ``grouped`` group (its classes span the groups
+    of a grouped conv): there the class count *is* each group's width, and that is what must be a multiple of
+    ``round_to``: RegNet-X-8GF ran 14% faster with 64 channels per group than with 60, at 13% more MACs.
     """
     if ratio <= 0 or n <= 1:
         return n
@@ -45,7 +47,7 @@ def kept_count(n: int, ratio: float, cfg: PlanConfig, multiple_of: int = 1, per_
         multiple = max(1, multiple)
         return multiple // math.gcd(multiple, max(1, per_class))
 
-    step = math.lcm(classes(cfg.round_to), classes(multiple_of))
+    step = math.lcm(max(1, cfg.round_to) if grouped else classes(cfg.round_to), classes(multiple_of))
     keep = int(n * (1 - ratio) + 1e-9)
     keep = max(keep, 1, math.ceil(n * (1 - cfg.max_layer_ratio) - 1e-9))
     if step > 1:
@@ -108,11 +110,11 @@ def select(graph: DependencyGraph, criterion: Criterion, cfg: PlanConfig) -> set
         for (g, s), n_below in zip(scored, below):
             if n_below == 0:
                 continue
-            keep = kept_count(g.size, n_below / g.size, cfg, g.multiple_of, g.channels_per_class)
+            keep = kept_count(g.size, n_below / g.size, cfg, g.multiple_of, g.channels_per_class, g.grouped)
             removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
         return removed
     for g in graph.groups:
-        keep = kept_count(g.size, _group_ratio(g, cfg), cfg, g.multiple_of, g.channels_per_class)
+        keep = kept_count(g.size, _group_ratio(g, cfg), cfg, g.multiple_of, g.channels_per_class, g.grouped)
         if keep >= g.size:
             continue
         s = _check(criterion, g, criterion.score(graph, g, frozenset(removed)))
