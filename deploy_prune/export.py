@@ -215,8 +215,8 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
         model.train(was_training)
     logger.debug("exporter output for %s:\n%s", path, log.getvalue())
 
-    if sidecar.exists() and not external_data:  # a file whose data lives elsewhere was not what we asked for
-        raise DeployPruneError(f"export wrote an external-data sidecar {sidecar}; expected one self-contained file")
+    # The exporter may still move weights out (its own size estimate counts more than the parameters, e.g.
+    # ViT-H/14 pruned to 1.6 GB): the file is valid with its sidecar, which cleanup and the bundle keep.
     try:
         _check_dynamic_batch(path)
     except DeployPruneError:
