@@ -157,7 +157,8 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
         path: the ``.onnx`` file to write; parent folders are created.
         example: an example input (its batch size does not matter; the batch dimension is exported as dynamic).
         opset: the ONNX opset. torch's minimum is 18; lower values come out as 18 anyway (docs/deploy.md §1).
-        external_data: force (True) or forbid (False) the sidecar; None decides by the weights' size.
+        external_data: ask for (True) or against (False) the sidecar; None decides by the weights' size. The
+            exporter may still write one for a model near the limit; it is then kept.
 
     Raises:
         DeployPruneError: the model still carries pruning reparametrizations, or the exporter failed. The
