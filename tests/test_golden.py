@@ -1,0 +1,84 @@
+"""Behaviour pinned across refactors: the same command and seed keep the same channels and report the same numbers.
+
+``tests/golden/runs.json`` was written by the code *before* the registries refactor. Each case runs the CLI
+with ``--bench-iters 1`` and compares everything in the report that does not depend on timing: the kept
+channels of every layer, the ratio, params / non-zero params / MACs / accuracy of every variant, the layers
+left alone, and the accuracy right after pruning. Options added later whose defaults change the recipe are
+pinned in the cases to their old behaviour, so the comparison stays meaningful.
+
+Regenerate (only when a behaviour change is intended, and say so in the commit):
+``DEPLOY_PRUNE_REGEN_GOLDEN=1 python -m pytest tests/test_golden.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy_prune.cli.main import main
+
+GOLDEN = Path(__file__).parent / "golden" / "runs.json"
+REGEN = os.environ.get("DEPLOY_PRUNE_REGEN_GOLDEN") == "1"
+
+# name -> CLI arguments after `run` (and before --out)
+CASES: dict[str, list[str]] = {
+    "l1_resnet_nodata": ["builtin:mnist_resnet", "--no-finetune", "--ratio", "0.5"],
+    "fpgm_resnet_global": ["builtin:mnist_resnet", "--no-finetune", "--criterion", "fpgm", "--scope", "global",
+                           "--ratio", "0.4"],
+    "random_cnn_seed3": ["builtin:mnist_cnn", "--no-finetune", "--criterion", "random", "--seed", "3",
+                         "--round-to", "4"],
+    "slimming_cnn_data": ["builtin:mnist_cnn", "--criterion", "slimming", "--data", "mnist5k", "--epochs", "1",
+                          "--sparsity-epochs", "1"],
+    "apoz_cnn_steps2": ["builtin:mnist_cnn", "--criterion", "apoz", "--data", "mnist5k", "--epochs", "1",
+                        "--steps", "2", "--ratio", "0.6"],
+    "l1_greedy_cnn_data": ["builtin:mnist_cnn", "--data", "mnist5k", "--epochs", "1", "--l1-mode", "greedy"],
+}
+# Options that later rounds added with recipe-changing defaults: pinned to the behaviour the golden file holds.
+PINNED: list[str] = []
+
+
+def _essence(report: dict[str, Any]) -> dict[str, Any]:
+    variants = {v["kind"]: {k: v[k] for k in ("params", "nonzero_params", "macs", "accuracy")}
+                for v in report["variants"]}
+    return {
+        "ratio": report["ratio"],
+        "layers": {layer["name"]: layer["kept"] for layer in report["layers"]},
+        "variants": variants,
+        "skipped_layers": report.get("skipped_layers", {}),
+        "accuracy_before_finetune": report.get("accuracy_before_finetune"),
+    }
+
+
+def _run(name: str, out: Path) -> dict[str, Any]:
+    argv = ["run", *CASES[name], *PINNED, "--bench-iters", "1", "--out", str(out), "-q"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code in (0, None), f"{name}: exit {exc.value.code}"
+    return _essence(json.loads((out / "report.json").read_text()))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_same_command_same_channels_and_report(name: str, tmp_path: Path) -> None:
+    got = _run(name, tmp_path / name)
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if REGEN:
+        golden[name] = got
+        GOLDEN.parent.mkdir(exist_ok=True)
+        text = json.dumps(golden, indent=1, sort_keys=True)
+        text = re.sub(r"\[\s*([-\d.,\s]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+        GOLDEN.write_text(text + "\n")
+    assert name in golden, f"no golden entry for {name}: regenerate with DEPLOY_PRUNE_REGEN_GOLDEN=1"
+    want = golden[name]
+    assert got["layers"] == want["layers"]
+    assert got["ratio"] == pytest.approx(want["ratio"])
+    assert got["skipped_layers"] == want["skipped_layers"]
+    for kind, v in want["variants"].items():
+        for key in ("params", "nonzero_params", "macs"):
+            assert got["variants"][kind][key] == v[key], (kind, key)
+        assert got["variants"][kind]["accuracy"] == pytest.approx(v["accuracy"], abs=1e-6), kind
+    assert got["accuracy_before_finetune"] == pytest.approx(want["accuracy_before_finetune"])
