@@ -37,6 +37,8 @@ CASES: dict[str, list[str]] = {
     "apoz_cnn_steps2": ["builtin:mnist_cnn", "--criterion", "apoz", "--data", "mnist5k", "--epochs", "1",
                         "--steps", "2", "--ratio", "0.6"],
     "l1_greedy_cnn_data": ["builtin:mnist_cnn", "--data", "mnist5k", "--epochs", "1", "--l1-mode", "greedy"],
+    "lottery_cnn": ["builtin:mnist_cnn", "--criterion", "lottery", "--data", "mnist5k", "--epochs", "1",
+                    "--lottery-rounds", "1", "--ratio", "0.8"],
 }
 # Options that later rounds added with recipe-changing defaults: pinned to the behaviour the golden file holds.
 PINNED: list[str] = []
