@@ -100,11 +100,12 @@ def prune_ours(model: nn.Module, shape: tuple[int, ...], ratio: float, round_to:
     graph = analyze(model, shape)
     crit = create("l1")
     crit.prepare(model, graph, ScoreContext())
-    removed = select(graph, crit, PlanConfig(ratio=ratio, round_to=round_to))
-    changes = prune_channels(model, graph, removed)
+    plan = select(graph, crit, PlanConfig(ratio=ratio, round_to=round_to))
+    prune_channels(model, graph, plan)
     model.eval()
-    return {"groups": len(graph.groups), "skipped": dict(graph.skipped), "removed_channels": len(removed),
-            "layers_changed": len(changes), "seconds": round(time.perf_counter() - t0, 2)}
+    removed = sum(plan.widths[n] - len(k) for n, k in plan.kept.items())
+    return {"groups": len(graph.groups), "skipped": dict(graph.skipped), "removed_channels": removed,
+            "layers_changed": len(plan.kept), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def tp_ignored_heads(model: nn.Module, num_outputs: int = 1000) -> list[nn.Module]:

@@ -3,7 +3,7 @@
 1. A/A: the same ONNX file twice under two names. Any ratio away from 1.00x is the harness's own bias.
 2. deploy-prune's harness (blocks, spinning off) against each model timed alone in its own session, one at a
    time: the speedups should agree.
-3. The naive harness: default ORT sessions (spinning on) alternated call by call. docs/deploy.md §7 measured
+3. The naive harness: default ORT sessions (spinning on) alternated call by call. docs/onnx-runtime.md §7 measured
    this distorting the speedup by up to a third on a 2-core machine.
 
     python benchmarks/harness_check.py [--model resnet18] [--shape 1x3x224x224] [--iters 100]
@@ -29,7 +29,7 @@ import torchvision
 from deploy_prune.bench import benchmark, default_threads
 from deploy_prune.criteria import ScoreContext, create
 from deploy_prune.export import export_onnx
-from deploy_prune.pipeline import parse_shape
+from deploy_prune.spec import parse_shape
 from deploy_prune.surgery import PlanConfig, analyze, prune_channels, select
 
 

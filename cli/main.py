@@ -3,15 +3,17 @@ codes: 0 success, 2 bad input (one line ``error: ...`` on stderr, no traceback),
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
+from deploy_prune import criteria, variants
 from deploy_prune.errors import BadInput, DeployPruneError
 
 app = typer.Typer(
@@ -28,7 +30,7 @@ _DEBUG = {"on": False}
 
 
 def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    from deploy_prune.pipeline import parse_shape
+    from deploy_prune.spec import parse_shape
 
     return parse_shape(text) if text else None
 
@@ -38,13 +40,13 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
     _DEBUG["on"] = debug
 
 
-@app.command(no_args_is_help=True)
-def run(
+def _run_template(
     model: Annotated[str, typer.Argument(help="torchvision:NAME, builtin:NAME, or a .pt/.pth checkpoint "
                                               "(state_dict, {'arch','state_dict'} or a deploy-prune pruned.pt).")],
-    criterion: Annotated[str, typer.Option(help="l1 | slimming | fpgm | apoz | lottery | random.")] = "l1",
-    ratio: Annotated[float, typer.Option(help="Fraction of prunable channels to remove, 0 <= R < 1 "
-                                              "(lottery: fraction of weights).")] = 0.5,
+    criterion: Annotated[str, typer.Option(help="Criterion: " + "; ".join(
+        f"{n}: {criteria.get(n).summary}" for n in criteria.names()) + ".")] = "l1",
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of prunable channels to remove, 0 <= R < 1 "
+                                                        "(lottery: fraction of weights). Default 0.5.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file "
                                                      "(torchvision:NAME or builtin:NAME); guessed if omitted.")] = None,
@@ -71,18 +73,6 @@ def run(
                                                       "threshold over all groups (default: the criterion's own; "
                                                       "slimming is global).")] = None,
     steps: Annotated[int, typer.Option(help="Prune and finetune iteratively in N steps (1 = prune once).")] = 1,
-    l1_mode: Annotated[str, typer.Option(help="l1: independent | greedy (Li et al. 2017, sec. 3.2).")] = "independent",
-    sparsity: Annotated[float, typer.Option(help="slimming: lambda of the L1 penalty on BN scales.")] = 1e-4,
-    sparsity_epochs: Annotated[int, typer.Option(help="slimming: sparsity-training epochs (needs --data).")] = 2,
-    calib_batches: Annotated[int, typer.Option(help="apoz: calibration batches.")] = 8,
-    lottery_rounds: Annotated[int, typer.Option(help="lottery: pruning rounds.")] = 3,
-    lottery_scope: Annotated[str, typer.Option(help="lottery: global | layer.")] = "global",
-    rewind_iter: Annotated[int, typer.Option(help="lottery: rewind survivors to their value after k training "
-                                                  "iterations (0 = the weights the run starts from: the "
-                                                  "initialisation of an untrained model, else the checkpoint).")] = 0,
-    reinit_control: Annotated[bool, typer.Option("--reinit-control", help="lottery: also train the ticket's mask "
-                                                                         "from a fresh random init (the paper's "
-                                                                         "control).")] = False,
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
@@ -90,31 +80,69 @@ def run(
     batch_size: Annotated[int, typer.Option(help="Batch size for finetuning and evaluation.")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Prune MODEL, finetune, export three ONNX variants, verify and benchmark them, and write the bundle."""
-    from deploy_prune.pipeline import RunOptions, run as run_pipeline
+    """The fixed options of `run` (the criterion options and optional variants are added from the registries)."""
+
+
+_PY_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _registry_params() -> list[inspect.Parameter]:
+    """One option per declared criterion option, and one flag per optional variant (``--int8``)."""
+    out = []
+    for name, (f, takers) in criteria.option_fields().items():
+        typ = _PY_TYPES[f.type] if isinstance(f.type, str) else f.type
+        help_text = f"{f.metadata['help']} Default {criteria.default_of(f)!r}."
+        flag = "--" + name.replace("_", "-")
+        out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=Annotated[Optional[typ], typer.Option(flag, help=help_text)]))
+    for kind in variants.optional_kinds():
+        v = variants.get(kind)
+        out.append(inspect.Parameter(kind, inspect.Parameter.KEYWORD_ONLY, default=False,
+                                     annotation=Annotated[bool, typer.Option(f"--{kind}", help=f"Add the {kind} "
+                                                                             f"variant: {v.description}.")]))
+    return out
+
+
+def run(**kw: Any) -> None:
+    """Prune MODEL, finetune, export the variants to ONNX, verify and benchmark them, and write the bundle."""
+    from deploy_prune.pipeline import run as run_pipeline
+
+    spec = _run_spec(kw)
+    report = run_pipeline(spec)
+    _summary(report, spec.out)
+
+
+def _run_spec(kw: dict[str, Any]) -> Any:
+    """Turn the parsed options of `run` into a RunSpec (every check happens in the spec's constructors)."""
+    from deploy_prune.spec import BenchSpec, ModelSource, PruneSpec, RunSpec, TrainSpec
 
     layer_ratios: dict[str, float] = {}
-    if from_sensitivity is not None:
-        from deploy_prune.criteria.sensitivity import ratios_from_sensitivity
+    if kw["from_sensitivity"] is not None:
+        from deploy_prune.sensitivity import ratios_from_sensitivity
 
         try:
-            layer_ratios = ratios_from_sensitivity(_read_json(from_sensitivity, "--from-sensitivity"),
-                                                   max_drop=max_drop)
+            layer_ratios = ratios_from_sensitivity(_read_json(kw["from_sensitivity"], "--from-sensitivity"),
+                                                   max_drop=kw["max_drop"])
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise BadInput(f"--from-sensitivity {from_sensitivity} is not a `deploy-prune sensitivity` result; "
-                           "regenerate it with deploy-prune sensitivity") from None
-    opts = RunOptions(
-        model=model, criterion=criterion, ratio=ratio, weights=weights, arch=arch, data=data,
-        epochs=0 if no_finetune else epochs, lr=lr, batch_size=batch_size, input_shape=_shape(input_shape),
-        provider=provider, out=out, force=force, seed=seed, trust_pickle=trust_pickle, bench_iters=bench_iters,
-        threads=threads, round_to=round_to, ignore=tuple(ignore or ()), max_layer_ratio=max_layer_ratio, scope=scope, steps=steps,
-        l1_mode=l1_mode, sparsity=sparsity, sparsity_epochs=sparsity_epochs, calib_batches=calib_batches,
-        lottery_rounds=lottery_rounds, lottery_scope=lottery_scope, rewind_iter=rewind_iter,
-        reinit_control=reinit_control,
-        layer_ratios=layer_ratios, progress=not quiet,
-    )
-    report = run_pipeline(opts)
-    _summary(report, out)
+            raise BadInput(f"--from-sensitivity {kw['from_sensitivity']} is not a `deploy-prune sensitivity` "
+                           "result; regenerate it with deploy-prune sensitivity") from None
+    given = {n: kw[n] for n in criteria.option_fields() if kw.get(n) is not None}
+    options = criteria.make_options(kw["criterion"], given)
+    prune = PruneSpec(criterion=kw["criterion"], options=options, ratio=kw["ratio"], layer_ratios=layer_ratios,
+                      round_to=kw["round_to"], max_layer_ratio=kw["max_layer_ratio"], scope=kw["scope"],
+                      ignore=tuple(kw["ignore"] or ()), steps=kw["steps"], seed=kw["seed"])
+    return RunSpec(
+        model=ModelSource(spec=kw["model"], weights=kw["weights"], arch=kw["arch"], trust_pickle=kw["trust_pickle"]),
+        prune=prune,
+        train=TrainSpec(epochs=0 if kw["no_finetune"] else kw["epochs"], lr=kw["lr"], batch_size=kw["batch_size"]),
+        bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"]),
+        data=kw["data"], input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
+        variants=tuple(k for k in variants.optional_kinds() if kw.get(k)), progress=not kw["quiet"])
+
+
+run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    list(inspect.signature(_run_template, eval_str=True).parameters.values()) + _registry_params())
+app.command(no_args_is_help=True)(run)
 
 
 @app.command()
@@ -126,11 +154,13 @@ def demo(
 ) -> None:
     """The whole pipeline on the embedded default: a small CNN trained on 4,000 real handwritten digits (mnist5k),
     L1-pruned at 50%, finetuned 3 epochs, benchmarked at batch 1 on this machine."""
-    from deploy_prune.pipeline import RunOptions, run as run_pipeline
+    from deploy_prune.pipeline import run as run_pipeline
+    from deploy_prune.spec import BenchSpec, ModelSource, PruneSpec, RunSpec, TrainSpec
 
-    opts = RunOptions(model="builtin:mnist_cnn", criterion="l1", ratio=0.5, data="mnist5k", epochs=3, out=out,
-                      force=force, bench_iters=bench_iters, progress=not quiet)
-    report = run_pipeline(opts)
+    spec = RunSpec(model=ModelSource(spec="builtin:mnist_cnn"), prune=PruneSpec(criterion="l1", ratio=0.5),
+                   train=TrainSpec(epochs=3), bench=BenchSpec(iters=bench_iters), data="mnist5k", out=out,
+                   force=force, progress=not quiet)
+    report = run_pipeline(spec)
     _summary(report, out)
 
 
@@ -154,7 +184,7 @@ def inspect(
     info = {
         "model": model, "arch": loaded.arch, "input_shape": list(shape), "params": count_params(loaded.model),
         "macs": count_macs(loaded.model, shape), "notes": loaded.notes,
-        "groups": [{"id": g.id, "layers": list(g.modules), "channels": g.size * g.channels_per_class,
+        "groups": [{"id": g.id, "layers": list(g.modules), "channels": g.width,
                     "classes": g.size, "multiple_of": g.multiple_of,
                     "channels_per_class": g.channels_per_class}
                    for g in graph.groups],
@@ -170,7 +200,7 @@ def inspect(
     for g in graph.groups:
         layers = ", ".join(g.modules[:4]) + (f" (+{len(g.modules) - 4} more)" if len(g.modules) > 4 else "")
         per = g.channels_per_class
-        width = f"{g.size * per:>5} channels" + (f" (pruned in {g.size} sets of {per})" if per > 1 else "")
+        width = f"{g.width:>5} channels" + (f" (pruned in {g.size} sets of {per})" if per > 1 else "")
         typer.echo(f"  #{g.id:<3} {width}  {layers}")
     if graph.skipped:
         typer.echo(f"\n{len(graph.skipped)} layers not (fully) prunable:")
@@ -193,7 +223,7 @@ def sensitivity(
 ) -> None:
     """Prune each layer group alone at 10%..90% without retraining and plot accuracy against the pruned fraction
     (Li et al. 2017, Fig. 2b). Feed the JSON back with `run --from-sensitivity`."""
-    from deploy_prune.criteria.sensitivity import plot_sensitivity, sensitivity as sweep
+    from deploy_prune.sensitivity import plot_sensitivity, sensitivity as sweep
     from deploy_prune.data import load_data
     from deploy_prune.loading import load_model
 
@@ -282,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except DeployPruneError as exc:
         if _DEBUG["on"]:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.cli_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
         if _DEBUG["on"]:

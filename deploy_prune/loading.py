@@ -1,4 +1,4 @@
-"""Turning a MODEL argument into an ``nn.Module`` (contract: ../shared/contract/cli.md, "MODEL").
+"""Turning a MODEL argument into an ``nn.Module`` (the README's "MODEL" section lists the forms).
 
 Files are always opened with ``torch.load(weights_only=True)`` first, which cannot run code. A pickled
 whole module needs ``--trust-pickle``; without it the user gets a one-line error that says why and what to do.
@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from deploy_prune import models as zoo
-from deploy_prune.errors import BadInput
+from deploy_prune.errors import BadInput, DeployPruneError, opt
+from deploy_prune.spec import PrunePlan
 
-PRUNED_FORMAT = "deploy-prune/pruned/v1"
+PRUNED_FORMAT = "deploy-prune/pruned/v2"  # v1 stored {layer: removed indices} as "prune_plan"
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
 
@@ -40,7 +41,7 @@ class LoadedModel:
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
-    plan: dict[str, list[int]] | None = None
+    plan: PrunePlan | None = None
 
 
 def _torchvision_names() -> list[str]:
@@ -88,7 +89,7 @@ def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -
             parts.append(f"unexpected {unexpected[:3]}")
         if wrong:
             parts.append(f"shape mismatch {wrong[:3]}")
-        raise BadInput(f"{what} does not fit the architecture ({'; '.join(parts)}); pass the matching --arch")
+        raise BadInput(f"{what} does not fit the architecture ({'; '.join(parts)}); pass the matching {opt('arch')}")
     model.load_state_dict(sd, strict=True)
 
 
@@ -125,10 +126,10 @@ def match_arch(sd: dict[str, torch.Tensor]) -> str:
     if len(exact) == 1:
         return exact[0]
     if len(exact) > 1:
-        raise BadInput(f"the state_dict matches several architectures ({', '.join(exact)}); pass --arch")
+        raise BadInput(f"the state_dict matches several architectures ({', '.join(exact)}); pass {opt('arch')}")
     best = [a for _, a in sorted(scored, reverse=True)[:3]]
     raise BadInput(f"no known architecture matches this state_dict (closest: {', '.join(best)}); "
-                   "pass --arch torchvision:NAME or builtin:NAME")
+                   f"pass {opt('arch')} torchvision:NAME or builtin:NAME")
 
 
 def _read_checkpoint(path: Path, trust_pickle: bool) -> Any:
@@ -140,7 +141,7 @@ def _read_checkpoint(path: Path, trust_pickle: bool) -> Any:
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()):
                 raise BadInput(f"{path.name} is a TorchScript archive, which channel surgery cannot edit; "
-                               "save the eager model's state_dict() and pass it with --arch")
+                               f"save the eager model's state_dict() and pass it with {opt('arch')}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -151,45 +152,56 @@ def _read_checkpoint(path: Path, trust_pickle: bool) -> Any:
                            "pass a file written by torch.save") from None
         if not trust_pickle:
             raise BadInput(f"{path.name} holds pickled Python objects (a whole model?); loading it would run code "
-                           "from the file: re-run with --trust-pickle if you trust it, or save "
-                           "model.state_dict() and pass --arch") from None
+                           f"from the file: re-run with {opt('trust_pickle')} if you trust it, or save "
+                           f"model.state_dict() and pass {opt('arch')}") from None
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_model(spec: str, *, weights: str | None = None, arch: str | None = None,
-               trust_pickle: bool = False) -> LoadedModel:
-    """Resolve a MODEL argument (see the module docstring and the contract)."""
+               trust_pickle: bool = False, seed: int = 0) -> LoadedModel:
+    """Resolve a MODEL argument (see the module docstring and the README's MODEL section).
+
+    A random initialisation is drawn from ``seed`` (the caller's global RNG state is left as it was), so the
+    same seed always builds the same network.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _load_model(spec, weights=weights, arch=arch, trust_pickle=trust_pickle)
+
+
+def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickle: bool) -> LoadedModel:
     if spec.startswith(("torchvision:", "builtin:")):
         if arch:
-            raise BadInput("--arch is only for checkpoint files; drop it or pass a .pt file as MODEL")
+            raise BadInput(f"{opt('arch')} is only for checkpoint files; drop it or pass a .pt file as MODEL")
         ncls = None
         sd = None
         if weights:
             obj = _read_checkpoint(Path(weights), trust_pickle=False)
             sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
             if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise BadInput(f"--weights {weights} is not a state_dict; save model.state_dict()")
+                raise BadInput(f"{opt('weights')} {weights} is not a state_dict; save model.state_dict()")
             ncls = _classifier_width(sd)
         model, shape = build_arch(spec, ncls)
         notes = []
         if sd is not None:
-            _load_state_dict(model, sd, f"--weights {weights}")
+            _load_state_dict(model, sd, f"{opt('weights')} {weights}")
         elif spec.startswith("builtin:"):
             shipped = zoo.shipped_state_dict(zoo.get(spec.split(":", 1)[1]))
             if shipped is not None:
                 model.load_state_dict(shipped)
                 notes.append(f"{spec}: using the trained weights shipped with deploy-prune")
             else:
-                notes.append(f"{spec}: random initialisation (no --weights)")
+                notes.append(f"{spec}: random initialisation (no weights given)")
         else:
-            notes.append(f"{spec}: random initialisation (no --weights)")
+            notes.append(f"{spec}: random initialisation (no weights given)")
         return LoadedModel(model.eval(), spec, ncls or _classifier_width(model.state_dict()), shape, notes)
     if weights:
-        raise BadInput("--weights goes with torchvision:NAME or builtin:NAME; a checkpoint file carries its weights")
+        raise BadInput(f"{opt('weights')} goes with torchvision:NAME or builtin:NAME; a checkpoint file carries its "
+                       "weights")
     path = Path(spec)
     obj = _read_checkpoint(path, trust_pickle)
     if isinstance(obj, nn.Module):
-        return LoadedModel(obj.eval(), None, None, None, [f"{path.name}: trusted pickled module (--trust-pickle)"])
+        return LoadedModel(obj.eval(), None, None, None, [f"{path.name}: trusted pickled module (pickle loading allowed)"])
     if not isinstance(obj, dict):
         raise BadInput(f"{path.name} holds a {type(obj).__name__}, not a model; save model.state_dict()")
     if "state_dict" in obj and "arch" in obj:
@@ -209,23 +221,33 @@ def load_model(spec: str, *, weights: str | None = None, arch: str | None = None
 def _load_bundle(obj: dict, path: Path, arch_flag: str | None) -> LoadedModel:
     arch = str(obj["arch"])
     if arch_flag and arch_flag != arch:
-        raise BadInput(f"{path.name} records arch {arch}, but --arch says {arch_flag}; drop --arch")
+        raise BadInput(f"{path.name} records arch {arch}, but {opt('arch')} says {arch_flag}; drop {opt('arch')}")
     ncls = obj.get("num_classes")
     model, shape = build_arch(arch, ncls)
-    plan = obj.get("prune_plan")
     notes = [f"{path.name}: {arch} checkpoint"]
-    if plan:
-        from deploy_prune.surgery import replay
+    plan = None
+    if obj.get("plan") or obj.get("prune_plan"):
+        from deploy_prune.surgery import analyze, prune_channels
 
         shape = tuple(obj.get("input_shape") or shape or DEFAULT_INPUT_SHAPE)
-        replay(model, shape, {k: list(v) for k, v in plan.items()})
-        notes.append(f"{path.name}: deploy-prune pruned checkpoint ({len(plan)} layers narrowed)")
+        graph = analyze(model, shape)
+        try:
+            if obj.get("plan"):
+                plan = PrunePlan.from_json(obj["plan"])
+            else:  # pruned.pt v1: {layer: removed output indices}
+                plan = PrunePlan.from_removed(obj["prune_plan"], graph.layer_widths())
+            prune_channels(model, graph, plan)
+        except (ValueError, KeyError, TypeError, DeployPruneError) as exc:
+            raise BadInput(f"{path.name}: its pruning plan does not fit {arch} ({exc}); re-run deploy-prune to rebuild it") \
+                from None
+        notes.append(f"{path.name}: deploy-prune pruned checkpoint ({len(plan.kept)} layers narrowed)")
     _load_state_dict(model, obj["state_dict"], path.name)
     return LoadedModel(model.eval(), arch, ncls, shape, notes, plan)
 
 
 def save_pruned(path: Path, model: nn.Module, *, arch: str | None, num_classes: int | None,
-                input_shape: tuple[int, ...], plan: dict[str, list[int]]) -> None:
-    """Write ``pruned.pt``: weights + architecture plan, loadable with ``weights_only=True``."""
+                input_shape: tuple[int, ...], plan: PrunePlan) -> None:
+    """Write ``pruned.pt``: weights + the pruning plan (kept channels per layer), loadable with
+    ``weights_only=True``."""
     torch.save({"format": PRUNED_FORMAT, "arch": arch, "num_classes": num_classes, "input_shape": list(input_shape),
-                "prune_plan": plan, "state_dict": model.state_dict()}, path)
+                "plan": plan.to_json(), "state_dict": model.state_dict()}, path)

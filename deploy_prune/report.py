@@ -1,8 +1,9 @@
-"""Render a run's results: ``report.json`` (validated against the v1 schema), ``report.md`` and plots.
+"""Assemble a run's report (:func:`build`) and render it: ``report.json`` (validated against the schema, v2),
+``report.md`` and plots (:func:`write_report`).
 
-Rendering is pure: everything shown comes from the ``report`` dict, the :class:`~deploy_prune.bench.BenchResult`
-and the ``extras`` passed in; nothing is measured here. Plots use matplotlib's object API with the Agg canvas
-(no pyplot, so no global backend switch and no display needed).
+Both are pure: everything shown comes from the stage results, the :class:`~deploy_prune.timing.BenchResult`
+and the extras passed in; nothing is measured here, and ONNX Runtime is never imported. Plots use matplotlib's
+object API with the Agg canvas (no pyplot, so no global backend switch and no display needed).
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deploy_prune.bench import BenchResult
+from deploy_prune import variants as variants_mod
 from deploy_prune.errors import DeployPruneError
+from deploy_prune.timing import BenchResult
 
-__all__ = ["KINDS", "validate_report", "verdict", "write_report"]
+if TYPE_CHECKING:
+    from deploy_prune.loading import LoadedModel
+    from deploy_prune.pipeline import Made
+    from deploy_prune.prune import PrunedPair
+    from deploy_prune.spec import RunSpec
 
-#: The variant kinds of a report, in display order.
+__all__ = ["KINDS", "SCHEMA_VERSION", "build", "validate_report", "verdict", "write_report"]
+
+SCHEMA_VERSION = 2
+#: The variant kinds every report has exactly once, in display order (others, e.g. int8, at most once).
 KINDS = ("dense", "unstructured", "structured")
-_COLORS = {"dense": "#7f7f7f", "unstructured": "#ff7f0e", "structured": "#1f77b4"}
 _MAX_LAYER_ROWS = 40
 _MAX_SCHEMA_ERRORS = 5
 # Speedups within this band of 1.0 are reported as "no measurable speedup": run-to-run noise on a shared
-# machine is a few percent (docs/deploy.md §3, §7).
+# machine is a few percent (docs/onnx-runtime.md §3, §7).
 _NOISE = 0.10
 
 
@@ -60,14 +68,68 @@ def validate_report(report: Mapping[str, Any]) -> None:
     errors = sorted(validator.iter_errors(report), key=lambda e: [str(p) for p in e.absolute_path])
     problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errors]
     if not problems:
-        # The schema cannot say "exactly one of each kind"; the contract (cli.md) does.
+        # The schema cannot say "exactly one of each kind"; the contract does.
         kinds = [v.get("kind") for v in report["variants"]]
-        if sorted(kinds) != sorted(KINDS):
-            problems.append(f"variants: need exactly one each of {', '.join(KINDS)}, got {', '.join(map(str, kinds))}")
+        if any(kinds.count(k) != 1 for k in KINDS) or len(set(kinds)) != len(kinds):
+            problems.append(f"variants: need exactly one each of {', '.join(KINDS)} and at most one of any other "
+                            f"kind, got {', '.join(map(str, kinds))}")
     if problems:
         shown = "; ".join(problems[:_MAX_SCHEMA_ERRORS])
         more = f" (and {len(problems) - _MAX_SCHEMA_ERRORS} more)" if len(problems) > _MAX_SCHEMA_ERRORS else ""
-        raise DeployPruneError(f"report does not match report.schema.json v1: {shown}{more}")
+        raise DeployPruneError(f"report does not match report.schema.json: {shown}{more}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# assembly
+
+
+def build(*, spec: RunSpec, loaded: LoadedModel, shape: tuple[int, ...], pair: PrunedPair, made: Sequence[Made],
+          bench: BenchResult, environment: Mapping[str, Any]) -> dict[str, Any]:
+    """The report dict of a run, from its stage results (validated when written by :func:`write_report`)."""
+    dense_p50 = bench.stats["dense"].p50
+    structured = pair.structured
+    epochs = spec.train.epochs if spec.data is not None else 0
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "model": spec.model.spec, "criterion": spec.prune.criterion,
+        "ratio": pair.ratio, "input_shape": list(shape), "environment": dict(environment),
+        "variants": [_variant_row(m, bench, dense_p50) for m in made],
+        "layers": structured.plan.layers(),
+        "arch": loaded.arch, "data": spec.data, "seed": spec.prune.seed, "round_to": spec.prune.round_to,
+        "steps": spec.prune.steps, "epochs": epochs,
+        "accuracy_before_finetune": {"structured": structured.accuracy_before_finetune,
+                                     "unstructured": pair.unstructured_accuracy_before},
+        "cleanup": {m.kind: m.cleanup for m in made if m.cleanup is not None},
+        "skipped_layers": structured.skipped,
+        "bench": {"method": bench.method, "iters": spec.bench.iters},
+        "notes": list(loaded.notes) + ([] if spec.data is not None else
+                                       ["accuracy unknown: no --data given, so no finetuning and no evaluation"]),
+    }
+    for m in made:
+        report["notes"] += list(m.notes)
+        if m.details:
+            report.setdefault("variant_details", {})[m.kind] = m.details
+    if spec.prune.layer_ratios:
+        report["layer_ratios"] = dict(spec.prune.layer_ratios)
+        report["notes"].append("per-layer ratios from --from-sensitivity replaced --ratio; `ratio` is the share "
+                               "of all channels removed")
+    report.update(pair.report)
+    if spec.prune.steps > 1:
+        report["schedule"] = structured.steps
+    report.update(structured.criterion.report)
+    if structured.criterion.artifacts:
+        report["criterion_details"] = dict(structured.criterion.artifacts)
+    report["verdict"] = verdict(report)
+    return report
+
+
+def _variant_row(m: Made, bench: BenchResult, dense_p50: float) -> dict[str, Any]:
+    st = bench.stats[m.kind]
+    parity = {"max_abs_diff": float(m.parity["max_abs_diff"]), "ok": bool(m.parity["ok"])}
+    if "top1_agreement" in m.parity:
+        parity["top1_agreement"] = float(m.parity["top1_agreement"])
+    return {"kind": m.kind, "onnx": m.file, "params": m.params, "nonzero_params": m.nonzero_params,
+            "macs": m.macs, "onnx_bytes": m.onnx_bytes, "latency_ms": st.to_dict(),
+            "speedup_vs_dense": round(dense_p50 / st.p50, 4), "accuracy": m.accuracy, "parity": parity}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,7 +251,7 @@ def _plot_latency(path: Path, variants: Sequence[Mapping[str, Any]], bench: Benc
     fig = _new_figure(10, 4.2)
     ax_box, ax_bar = fig.subplots(1, 2)
     kinds = [v["kind"] for v in variants]
-    colors = [_COLORS.get(k, "#2ca02c") for k in kinds]
+    colors = [variants_mod.color(k) for k in kinds]
 
     data = [_samples_for(v, bench) or [v["latency_ms"]["p50"]] for v in variants]
     box = ax_box.boxplot(data, patch_artist=True, showfliers=True, flierprops={"markersize": 2, "alpha": 0.5})
@@ -234,7 +296,7 @@ def _plot_latency_vs_macs(path: Path, variants: Sequence[Mapping[str, Any]], ben
     default = {"marker": "o", "s": 70, "offset": (10, 4), "ha": "left"}
     for v in variants:
         st = style.get(v["kind"], default)
-        color = _COLORS.get(v["kind"], "#2ca02c")
+        color = variants_mod.color(v["kind"])
         macs, p50 = v["macs"] / 1e6, float(v["latency_ms"]["p50"])
         face = st.get("facecolors", color)
         ax.scatter([macs], [p50], s=st["s"], marker=st["marker"], facecolors=face, edgecolors=color, lw=2, zorder=3)
@@ -251,7 +313,7 @@ def _plot_latency_vs_macs(path: Path, variants: Sequence[Mapping[str, Any]], ben
     max_p50 = max((float(v["latency_ms"]["p50"]) for v in variants), default=1.0)
     if dense is not None and dense["macs"] > 0:
         d_macs, d_p50 = dense["macs"] / 1e6, float(dense["latency_ms"]["p50"])
-        ax.axhline(d_p50, color=_COLORS["dense"], ls="--", lw=1, label="dense latency")
+        ax.axhline(d_p50, color=variants_mod.color("dense"), ls="--", lw=1, label="dense latency")
         # What latency would be if it scaled with MACs: the naive expectation a FLOP count suggests.
         ax.plot([0, d_macs * 1.3], [0, d_p50 * 1.3], color="k", ls=":", lw=1, label="latency ∝ MACs")
         ax.legend(loc="lower right", fontsize=8)

@@ -13,20 +13,24 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from deploy_prune.errors import BadInput
+from deploy_prune.errors import BadInput, opt
 from deploy_prune.metrics import count_nonzero
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def apply_masks(model: nn.Module, target_nonzero: int) -> dict[str, torch.Tensor]:
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every conv (any dimension, transposed too) and linear layer with a weight, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _LAYERS) and isinstance(m.weight, nn.Parameter)}
+
+
+def mask_to_nonzero(model: nn.Module, target_nonzero: int) -> dict[str, torch.Tensor]:
     """Mask ``model`` in place (reparametrised, masks live) so it holds ``target_nonzero`` non-zeros.
 
     Returns the masks by layer name. Call :func:`make_permanent` before export.
     """
-    layers = prunable_weights(model)
+    layers = list(weight_layers(model).items())
     nz_now = count_nonzero(model)
     # Even with nothing left to zero, weights that are already zero (a lottery ticket) get a live mask, so
     # finetuning cannot revive them.
@@ -35,7 +39,7 @@ def apply_masks(model: nn.Module, target_nonzero: int) -> dict[str, torch.Tensor
     budget = sum(live)
     if to_zero > budget:
         raise BadInput("the structured model is smaller than any unstructured mask of this model can reach; "
-                       "lower --ratio")
+                       f"lower {opt('ratio')}")
     frac = to_zero / budget if budget else 0.0
     amounts = [int(round(frac * n)) for n in live]
     # put the rounding remainder on the largest layer so the total is exact
@@ -52,13 +56,13 @@ def apply_masks(model: nn.Module, target_nonzero: int) -> dict[str, torch.Tensor
 
 def make_permanent(model: nn.Module) -> nn.Module:
     """Fold every live pruning mask into its weight (``prune.remove``)."""
-    for _, m in prunable_weights(model):
-        if prune.is_pruned(m) and hasattr(m, "weight_orig"):
+    for m in model.modules():  # a masked weight is no Parameter any more: weight_layers() would skip it
+        if isinstance(m, _LAYERS) and prune.is_pruned(m) and hasattr(m, "weight_orig"):
             prune.remove(m, "weight")
     return model
 
 
 def unstructured_like(model: nn.Module, target_nonzero: int) -> nn.Module:
     """Mask ``model`` in place to ``target_nonzero`` non-zeros and make it permanent."""
-    apply_masks(model, target_nonzero)
+    mask_to_nonzero(model, target_nonzero)
     return make_permanent(model)

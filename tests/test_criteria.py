@@ -3,7 +3,6 @@ weights and activations."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -12,23 +11,24 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from deploy_prune.criteria import ScoreContext, create, names
-from deploy_prune.criteria.apoz import NO_RELU
+from deploy_prune.criteria import ScoreContext, create, make_options, names
+from deploy_prune.criteria.apoz import NO_RELU, APoZOptions
 from deploy_prune.criteria.fpgm import distance_sums
-from deploy_prune.criteria.l1 import filter_l1
-from deploy_prune.criteria.slimming import plot_gamma_hist, sparsity_training
+from deploy_prune.criteria.l1 import L1Options, filter_l1
+from deploy_prune.criteria.slimming import SlimmingOptions, plot_gamma_hist
 from deploy_prune.data import DataBundle
 from deploy_prune.errors import BadInput
-from deploy_prune.surgery import PlanConfig, analyze, prune_channels, removed_plan, select
+from deploy_prune.surgery import PlanConfig, analyze, prune_channels, select
+from deploy_prune.train.sparsity import sparsity_training
 
 
 def choose(model: nn.Module, shape: tuple[int, ...], criterion: str, ratio: float, *, ctx: ScoreContext | None = None,
-           **cfg: float) -> dict[str, list[int]]:
+           options: object = None, **cfg: float) -> dict[str, list[int]]:
     """Run analysis + criterion + planner; return {layer: removed output indices}."""
     graph = analyze(model, shape)
-    crit = create(criterion)
+    crit = create(criterion, options)
     crit.prepare(model, graph, ctx or ScoreContext())
-    return removed_plan(graph, select(graph, crit, PlanConfig(ratio=ratio, **cfg)))
+    return select(graph, crit, PlanConfig(ratio=ratio, **cfg)).removed()
 
 
 def lowest(values: np.ndarray, k: int) -> list[int]:
@@ -87,7 +87,7 @@ def seeded_(model: nn.Module, seed: int) -> nn.Module:
 
 
 def test_registry_lists_all_six_and_rejects_unknown() -> None:
-    assert names() == ["apoz", "fpgm", "l1", "lottery", "random", "slimming"]
+    assert names() == ["l1", "slimming", "fpgm", "apoz", "lottery", "random"]
     for n in names():
         c = create(n)
         assert c.name == n and c.scope in ("local", "global")
@@ -96,7 +96,13 @@ def test_registry_lists_all_six_and_rejects_unknown() -> None:
     with pytest.raises(BadInput, match="unknown criterion"):
         create("l2")
     with pytest.raises(BadInput, match="l1_mode"):
-        create("l1", l1_mode="lazy")
+        create("l1", L1Options(l1_mode="lazy"))
+    with pytest.raises(BadInput, match="sparsity is for slimming"):
+        make_options("l1", {"sparsity": 1e-3})
+    with pytest.raises(BadInput, match="takes L1Options"):
+        from deploy_prune.spec import PruneSpec
+
+        PruneSpec(criterion="l1", options=SlimmingOptions())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,8 +137,8 @@ def test_greedy_and_independent_l1_choose_differently() -> None:
     independent = [sum(abs(w2[j, i]) for i in range(3)) for j in range(2)]
     greedy = [sum(abs(w2[j, i]) for i in range(3) if i != gone_c1) for j in range(2)]
     assert np.argmin(independent) != np.argmin(greedy)  # the case really flips
-    ind = choose(model, (1, 1, 2, 2), "l1", 0.3, ctx=ScoreContext(options={"l1_mode": "independent"}))
-    gre = choose(model, (1, 1, 2, 2), "l1", 0.3, ctx=ScoreContext(options={"l1_mode": "greedy"}))
+    ind = choose(model, (1, 1, 2, 2), "l1", 0.3, options=L1Options(l1_mode="independent"))
+    gre = choose(model, (1, 1, 2, 2), "l1", 0.3, options=L1Options(l1_mode="greedy"))
     assert ind["c1"] == gre["c1"] == [gone_c1]
     assert ind["c2"] == [int(np.argmin(independent))]
     assert gre["c2"] == [int(np.argmin(greedy))]
@@ -260,9 +266,9 @@ def test_slimming_never_empties_a_layer_at_ratio_095() -> None:
     graph = analyze(model, (1, 1, 4, 4))
     crit = create("slimming")
     crit.prepare(model, graph, ScoreContext())
-    removed = select(graph, crit, PlanConfig(ratio=0.95))
-    changes = {c.name: c for c in prune_channels(model, graph, removed)}
-    assert changes and all(c.after >= max(1, math.ceil(c.before * 0.1)) for c in changes.values())
+    plan = select(graph, crit, PlanConfig(ratio=0.95))
+    prune_channels(model, graph, plan)
+    assert plan.kept and all(len(k) >= max(1, math.ceil(plan.widths[n] * 0.1)) for n, k in plan.kept.items())
     assert model(torch.randn(2, 1, 4, 4)).shape == (2, 3)
 
 
@@ -275,7 +281,7 @@ def test_slimming_keeps_channels_without_batchnorm() -> None:
     assert torch.isinf(crit.score(graph, c3, frozenset())).all()
     c2 = next(g for g in graph.groups if g.modules == ("c2",))
     assert torch.allclose(crit.score(graph, c2, frozenset()), torch.tensor(GAMMA2).abs())
-    assert "c3" not in removed_plan(graph, select(graph, crit, PlanConfig(ratio=0.3)))
+    assert "c3" not in select(graph, crit, PlanConfig(ratio=0.3)).kept
 
 
 def test_slimming_max_over_the_batchnorms_of_a_coupled_channel() -> None:
@@ -317,9 +323,9 @@ def test_slimming_sparsity_step_adds_the_l1_subgradient(tmp_path) -> None:
     # through the criterion: histograms before/after share the bins and count every BN channel
     model = _two_bn()
     graph = analyze(model, (1, 1, 4, 4))
-    ctx = ScoreContext(data=data, options={"sparsity": 0.5, "sparsity_epochs": 3, "progress": False})
-    create("slimming").prepare(model, graph, ctx)
-    hist = ctx.artifacts["gamma_hist"]
+    ctx = ScoreContext(data=data, progress=False)
+    create("slimming", SlimmingOptions(sparsity=0.5, sparsity_epochs=3)).prepare(model, graph, ctx)
+    hist = ctx.report["gamma_hist"]
     assert len(hist["bins"]) == len(hist["before"]) + 1 == len(hist["after"]) + 1
     assert sum(hist["before"]) == sum(hist["after"]) == 12
     assert hist["before"] != hist["after"] and hist["epochs"] == 3
@@ -334,7 +340,7 @@ def test_slimming_without_data_prunes_the_trained_gammas() -> None:
     graph = analyze(model, (1, 1, 4, 4))
     ctx = ScoreContext()
     create("slimming").prepare(model, graph, ctx)
-    assert ctx.artifacts["gamma_hist"]["after"] is None
+    assert ctx.report["gamma_hist"]["after"] is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -383,7 +389,7 @@ def test_apoz_counts_exact_zeros_after_relu() -> None:
     crit.prepare(model, graph, ctx)
     c1 = next(g for g in graph.groups if g.modules == ("c1",))
     assert np.allclose(crit.score(graph, c1, frozenset()).numpy(), -ref_c1)
-    assert removed_plan(graph, select(graph, crit, PlanConfig(ratio=0.3)))["c1"] == [0]
+    assert select(graph, crit, PlanConfig(ratio=0.3)).removed()["c1"] == [0]
     # fc1 is a linear layer (M = 1): its APoZ is over images only
     with torch.no_grad():
         h = torch.relu(model.fc1(torch.relu(model.c2(torch.relu(model.c1(x)))).flatten(1))).numpy()
@@ -419,17 +425,17 @@ def test_apoz_leaves_channels_without_relu_unscored() -> None:
 def test_apoz_without_data_is_a_bad_input() -> None:
     model = _apoz_model()
     graph = analyze(model, (1, 3, 2, 2))
-    with pytest.raises(BadInput, match="apoz needs calibration data: pass --data"):
+    with pytest.raises(BadInput, match="apoz needs calibration data: pass data") as err:
         create("apoz").prepare(model, graph, ScoreContext())
+    assert "pass --data mnist5k" in err.value.cli_message()
 
 
 def test_apoz_calib_batches_limits_the_pass() -> None:
     x = _apoz_inputs()
     model = _apoz_model()
     graph = analyze(model, (1, 3, 2, 2))
-    ctx = ScoreContext(data=bundle(x, torch.zeros(4, dtype=torch.long), batch_size=1),
-                       options={"calib_batches": 1})
-    crit = create("apoz")
+    ctx = ScoreContext(data=bundle(x, torch.zeros(4, dtype=torch.long), batch_size=1))
+    crit = create("apoz", APoZOptions(calib_batches=1))
     crit.prepare(model, graph, ctx)
     post = np.maximum(x.numpy()[:1], 0.0)
     c1 = next(g for g in graph.groups if g.modules == ("c1",))
@@ -459,8 +465,10 @@ def test_every_criterion_gives_one_finite_or_inf_score_per_channel() -> None:
     graph = analyze(model, (1, 1, 5, 5))
     data = bundle(torch.randn(4, 1, 5, 5), torch.zeros(4, dtype=torch.long))
     for name in names():
-        crit = create(name)
-        crit.prepare(model, graph, ScoreContext(data=data, options={"sparsity_epochs": 0}))
-        for g, removed in itertools.product(graph.groups, (frozenset(),)):
-            s = crit.score(graph, g, removed)
-            assert s.shape == (g.size,) and not torch.isnan(s).any()
+        crit = create(name, SlimmingOptions(sparsity_epochs=0) if name == "slimming" else None)
+        crit.prepare(model, graph, ScoreContext(data=data))
+        upstream = frozenset(ch.root for ch in graph.groups[0].channels[:1])  # as greedy L1 would pass it
+        for g in graph.groups:
+            for removed in (frozenset(), upstream):
+                s = crit.score(graph, g, removed)
+                assert s.shape == (g.size,) and not torch.isnan(s).any()

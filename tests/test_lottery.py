@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from deploy_prune.criteria.lottery import find_ticket
+from deploy_prune.train.lottery import find_ticket
 from deploy_prune.data import DataBundle, load_data
 from deploy_prune.errors import BadInput
 from deploy_prune.train import train

@@ -63,7 +63,7 @@ def test_run_without_data_writes_a_valid_bundle_and_a_loadable_checkpoint(tmp_pa
     assert any("accuracy unknown" in n for n in report["notes"])
     # pruned.pt opens without unpickling code and rebuilds the pruned network exactly
     raw = torch.load(out / "pruned.pt", weights_only=True)
-    assert raw["arch"] == "builtin:mnist_resnet" and raw["prune_plan"]
+    assert raw["arch"] == "builtin:mnist_resnet" and raw["plan"]["kept"]
     loaded = load_model(str(out / "pruned.pt"))
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():

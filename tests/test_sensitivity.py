@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
-from deploy_prune.criteria.sensitivity import plot_sensitivity, ratios_from_sensitivity, sensitivity
+from deploy_prune.sensitivity import plot_sensitivity, ratios_from_sensitivity, sensitivity
 from deploy_prune.data import DataBundle, load_data
 from deploy_prune.errors import BadInput
 from deploy_prune.train import train

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from deploy_prune.criteria import ScoreContext, create
 from deploy_prune.errors import UnsupportedModel
 from deploy_prune.export import export_onnx, parity
-from deploy_prune.surgery import PlanConfig, analyze, prune_channels, removed_plan, replay, select
+from deploy_prune.spec import PrunePlan
+from deploy_prune.surgery import PlanConfig, analyze, prune_channels, replay, roots_from_plan, select
 
 torch.manual_seed(0)
 
@@ -213,15 +214,16 @@ def _trained_stats(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _removed(model: nn.Module, ratio: float, seed: int = 0, round_to: int = 1) -> tuple[object, set[int]]:
+def _removed(model: nn.Module, ratio: float, seed: int = 0, round_to: int = 1) -> tuple[object, PrunePlan]:
     graph = analyze(model, SHAPE)
     crit = create("random")
     crit.prepare(model, graph, ScoreContext(seed=seed))
     return graph, select(graph, crit, PlanConfig(ratio=ratio, round_to=round_to))
 
 
-def _silence(model: nn.Module, graph, removed: set[int]) -> None:
-    """Zero every weight that reads a channel in ``removed`` (conv/linear inputs)."""
+def _silence(model: nn.Module, graph, plan: PrunePlan) -> None:
+    """Zero every weight that reads a channel ``plan`` removes (conv/linear inputs)."""
+    removed = roots_from_plan(graph, plan)
     for c in graph.consumers:
         if c.role not in ("in", "grouped"):
             continue
@@ -239,15 +241,15 @@ def _silence(model: nn.Module, graph, removed: set[int]) -> None:
 def test_removing_silent_channels_keeps_the_output(cls: type) -> None:
     model = _trained_stats(cls())
     graph, removed = _removed(model, 0.5)
-    assert removed, "expected something to prune"
+    assert removed.kept, "expected something to prune"
     _silence(model, graph, removed)
     x = torch.randn(4, *SHAPE[1:])
     with torch.no_grad():
         before = model(x)
-    changes = prune_channels(model, graph, removed)
+    prune_channels(model, graph, removed)
     with torch.no_grad():
         after = model(x)
-    assert changes
+    assert all(model.get_submodule(n).weight.shape[0] == len(k) for n, k in removed.kept.items())
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
@@ -264,7 +266,7 @@ def test_removing_silent_channels_keeps_the_output_of_torchvision_models(name: s
     crit = create("random")
     crit.prepare(model, graph, ScoreContext(seed=0))
     removed = select(graph, crit, PlanConfig(ratio=0.5))
-    assert removed
+    assert removed.kept
     _silence(model, graph, removed)
     x = torch.randn(2, *shape[1:])
     with torch.no_grad():
@@ -301,8 +303,8 @@ def test_ratio_zero_changes_nothing(cls: type) -> None:
     model = _trained_stats(cls())
     ref = copy.deepcopy(model)
     graph, removed = _removed(model, 0.0)
-    assert removed == set()
-    assert prune_channels(model, graph, removed) == []
+    assert not removed.kept
+    prune_channels(model, graph, removed)
     x = torch.randn(2, *SHAPE[1:])
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
@@ -310,7 +312,7 @@ def test_ratio_zero_changes_nothing(cls: type) -> None:
 
 def test_same_seed_same_channels_and_different_seed_differs() -> None:
     model = _trained_stats(Concat())
-    plans = [removed_plan(*_removed(copy.deepcopy(model), 0.5, seed=s)) for s in (3, 3, 4)]
+    plans = [_removed(copy.deepcopy(model), 0.5, seed=s)[1] for s in (3, 3, 4)]
     assert plans[0] == plans[1]
     assert plans[0] != plans[2]
 
@@ -320,7 +322,8 @@ def test_residual_branches_are_one_group_and_keep_the_same_indices() -> None:
     graph, removed = _removed(model, 0.5)
     group = next(g for g in graph.groups if "stem.0" in g.modules)
     assert set(group.modules) == {"stem.0", "f.1", "g.0"}
-    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    prune_channels(model, graph, removed)
+    changes = dict(removed.kept)
     assert changes["stem.0"] == changes["f.1"] == changes["g.0"]
     assert len(changes["stem.0"]) == 8
 
@@ -330,7 +333,8 @@ def test_se_excitation_width_follows_the_block() -> None:
     graph, removed = _removed(model, 0.5)
     group = next(g for g in graph.groups if "body.0" in g.modules)
     assert "fc2" in group.modules  # sigmoid(fc2(...)) multiplies body's channels one to one
-    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    prune_channels(model, graph, removed)
+    changes = dict(removed.kept)
     assert changes["body.0"] == changes["fc2"]
 
 
@@ -349,7 +353,8 @@ def test_grouped_conv_keeps_its_groups_and_prunes_the_same_positions_in_each() -
     graph, removed = _removed(model, 0.5)
     assert "grouped" not in graph.skipped
     assert "output" in graph.skipped["head.2"]
-    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    prune_channels(model, graph, removed)
+    changes = dict(removed.kept)
     conv = model.grouped
     assert conv.groups == 4 and conv.in_channels == conv.out_channels == 8
     assert conv.weight.shape == (8, 2, 3, 3)
@@ -384,7 +389,8 @@ def test_chunk_and_shuffle_keep_both_halves_equal() -> None:
     model = _trained_stats(SplitShuffle())
     graph, removed = _removed(model, 0.5)
     assert not {"stem.0", "branch.5"} & set(graph.skipped)
-    changes = {c.name: c.kept for c in prune_channels(model, graph, removed)}
+    prune_channels(model, graph, removed)
+    changes = dict(removed.kept)
     stem = set(changes["stem.0"])
     assert stem and all((j + 8) % 16 in stem for j in stem)  # chunk(2): position j of each half goes together
     branch = changes["branch.5"]
@@ -412,7 +418,8 @@ def test_split_by_computed_size_is_coupled_and_by_literal_sizes_is_protected() -
     model = _trained_stats(SplitByComputedSize())
     graph, removed = _removed(model, 0.5)
     assert "stem.0" not in graph.skipped
-    changes = {c.name: set(c.kept) for c in prune_channels(model, graph, removed)}
+    prune_channels(model, graph, removed)
+    changes = {n: set(k) for n, k in removed.kept.items()}
     assert all((j + 8) % 16 in changes["stem.0"] for j in changes["stem.0"])
     with torch.no_grad():
         assert model(torch.randn(2, *SHAPE[1:])).shape == (2, 5)
@@ -507,11 +514,10 @@ def test_round_to_rounds_kept_counts() -> None:
 
 def test_replay_rebuilds_the_same_network() -> None:
     model = _trained_stats(Concat())
-    graph, removed = _removed(model, 0.5)
-    plan = removed_plan(graph, removed)
+    graph, plan = _removed(model, 0.5)
     fresh = copy.deepcopy(model)
-    prune_channels(model, graph, removed)
-    replay(fresh, SHAPE, plan)
+    prune_channels(model, graph, plan)
+    replay(fresh, SHAPE, PrunePlan.from_json(plan.to_json()))  # the plan survives a JSON round trip
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     x = torch.randn(2, *SHAPE[1:])
     with torch.no_grad():
@@ -534,8 +540,9 @@ def test_untraceable_model_names_the_problem() -> None:
 
 
 def test_wrong_input_shape_is_a_clear_error() -> None:
-    with pytest.raises(UnsupportedModel, match="--input-shape"):
+    with pytest.raises(UnsupportedModel, match="input_shape") as err:
         analyze(Plain(), (1, 1, 16, 16))
+    assert "--input-shape" in err.value.cli_message()
 
 
 def test_kept_count_follows_li_truncation_and_rounding() -> None:
@@ -560,19 +567,24 @@ def test_ignore_protects_a_layer_and_says_so() -> None:
     assert model.b[0].out_channels == 16 and model.a[0].out_channels == 8
 
 
-def test_global_scope_prunes_the_weaker_layer_harder() -> None:
+def test_global_scope_normalises_each_layer_before_ranking() -> None:
     model = _trained_stats(Plain())
     with torch.no_grad():
         model.a[0].weight.mul_(100.0)  # every filter of layer a now has a far larger L1 norm than layer b's
     graph = analyze(model, SHAPE)
     crit = create("l1")
     crit.prepare(model, graph, ScoreContext())
-    removed = select(graph, crit, PlanConfig(ratio=0.5, scope="global", max_layer_ratio=0.9))
-    changes = {c.name: c.after for c in prune_channels(model, graph, removed)}
-    # normalised per layer, the two layers compete on the same footing: 16 of 32 channels go in total
-    assert sum(16 - changes.get(n, 16) for n in ("a.0", "b.0")) == 16
+    plan = select(graph, crit, PlanConfig(ratio=0.5, scope="global", max_layer_ratio=0.9))
+    prune_channels(model, graph, plan)
+    after = {n: plan.width_after(n) for n in ("a.0", "b.0")}
+    # 16 of the 32 channels go in total, and the raw 100x gap does not empty layer b: divided by its mean, each
+    # layer's scores compete on the same footing, so both layers lose channels
+    assert sum(16 - a for a in after.values()) == 16
+    assert 0 < after["a.0"] < 16 and 0 < after["b.0"] < 16
+    assert model.a[0].out_channels == after["a.0"] and model.b[0].out_channels == after["b.0"]
     local = _trained_stats(Plain())
     g2 = analyze(local, SHAPE)
     c2 = create("l1")
     c2.prepare(local, g2, ScoreContext())
-    assert {c.after for c in prune_channels(local, g2, select(g2, c2, PlanConfig(ratio=0.5)))} == {8}
+    plan2 = select(g2, c2, PlanConfig(ratio=0.5))
+    assert {plan2.width_after(n) for n in ("a.0", "b.0")} == {8}

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from deploy_prune.metrics import count_nonzero
-from deploy_prune.unstructured import apply_masks, make_permanent
+from deploy_prune.unstructured import mask_to_nonzero, make_permanent
 
 
 def _net() -> nn.Module:
@@ -18,7 +18,7 @@ def test_masks_hit_the_budget_exactly_and_drop_the_smallest_weights() -> None:
     model = _net()
     w0 = model[0].weight.detach().clone()
     target = count_nonzero(model) - 500
-    apply_masks(model, target)
+    mask_to_nonzero(model, target)
     make_permanent(model)
     assert count_nonzero(model) == target
     assert not any(n.endswith(("_orig", "_mask")) for n, _ in model.named_parameters())
@@ -33,7 +33,7 @@ def test_existing_zeros_stay_zero_through_training_even_with_nothing_to_add() ->
     with torch.no_grad():
         model[3].weight[:, :100] = 0.0  # a "ticket": weights already pruned
     before = count_nonzero(model)
-    apply_masks(model, before)  # nothing more to remove, but the zeros must be held
+    mask_to_nonzero(model, before)  # nothing more to remove, but the zeros must be held
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):
         opt.zero_grad()

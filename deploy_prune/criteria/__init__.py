@@ -11,14 +11,16 @@ name           paper                                       module
 ``random``     control                                      :mod:`deploy_prune.criteria.random`
 =============  ==========================================  =====================================
 
-Per-layer sensitivity sweeps live in :mod:`deploy_prune.criteria.sensitivity` (not a criterion).
+A new criterion is one module with a ``@register``-ed class (see :mod:`deploy_prune.criteria.base`) and one
+import line here. Per-layer sensitivity sweeps live in :mod:`deploy_prune.sensitivity` (not a criterion).
 """
 
-# The surgery package imports ``criteria.base`` (the planner's type) while ``criteria.base`` imports
-# ``surgery.graph``; loading surgery first makes either import order work.
-import deploy_prune.surgery  # noqa: F401  isort: skip
+from deploy_prune.criteria.base import (BaseCriterion, Criterion, CriterionOptions, NoOptions, ScoreContext, default_of,
+                                        create, get, make_options, names, option, option_fields, register,
+                                        unregister)
 
-from deploy_prune.criteria import apoz, fpgm, l1, lottery, random, slimming  # noqa: F401  (registers them)
-from deploy_prune.criteria.base import Criterion, ScoreContext, create, names, register
+# registration order is the order the CLI lists them in
+from deploy_prune.criteria import l1, slimming, fpgm, apoz, lottery, random  # noqa: E402,F401  isort: skip
 
-__all__ = ["Criterion", "ScoreContext", "create", "names", "register"]
+__all__ = ["BaseCriterion", "Criterion", "CriterionOptions", "NoOptions", "ScoreContext", "create", "default_of", "get",
+           "make_options", "names", "option", "option_fields", "register", "unregister"]

@@ -23,7 +23,7 @@ the planner's contract for non-finite scores) and it is listed in ``ctx.artifact
 **Artifacts.** ``ctx.artifacts["apoz"] = {"images", "batches", "layer_mean": {producer layer: mean APoZ of its
 scored channels}, "relu_mean": {relu node: mean APoZ over its channels}}`` (the paper's Table 1).
 
-**Options.** ``calib_batches`` (default 8): number of calibration batches.
+**Options** (:class:`APoZOptions`): ``calib_batches`` (default 8), the number of calibration batches.
 
 **Departures from the paper.** Hu et al. prune neurons whose APoZ exceeds the layer mean by one standard
 deviation, starting from the layers with the highest mean APoZ, and iterate trim/retrain; here one pass
@@ -33,15 +33,15 @@ large validation set; a few batches are used here (raise ``calib_batches`` for s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from deploy_prune.criteria._util import int_option
-from deploy_prune.criteria.base import ScoreContext, register
-from deploy_prune.errors import BadInput
+from deploy_prune.criteria.base import BaseCriterion, CriterionOptions, ScoreContext, option, register
+from deploy_prune.errors import BadInput, opt
 from deploy_prune.surgery.graph import DependencyGraph, Group
 
 NO_RELU = ("the channel enters no ReLU, so it has no post-ReLU zeros to count (APoZ needs exact zeros from a "
@@ -97,27 +97,33 @@ def count_zeros(graph: DependencyGraph, batches: Any, max_batches: int
     return counter.zeros, counter.positions, images, used
 
 
+@dataclass(frozen=True)
+class APoZOptions(CriterionOptions):
+    calib_batches: int = option(8, "apoz: calibration batches.", minimum=1, integer=True)
+
+
 @register
-class APoZCriterion:
+class APoZCriterion(BaseCriterion):
     """Fraction of exact zeros after ReLU, highest pruned first; see the module docstring."""
 
     name: ClassVar[str] = "apoz"
+    summary: ClassVar[str] = "average percentage of zeros after ReLU (Hu et al. 2016)"
     needs_data: ClassVar[bool] = True
-    scope: ClassVar[str] = "local"
-
-    def __init__(self, **options: Any) -> None:
-        self._options = dict(options)
-        self.apoz: dict[int, float] | None = None  # channel root -> APoZ in [0, 1]
+    data_use: ClassVar[str] = "calibration data to count zero activations"
+    Options = APoZOptions
+    options: APoZOptions
+    apoz: dict[int, float] | None = None  # channel root -> APoZ in [0, 1], set by prepare()
 
     def prepare(self, model: nn.Module, graph: DependencyGraph, ctx: ScoreContext) -> None:
         if ctx.data is None:
-            raise BadInput("apoz needs calibration data: pass --data mnist5k or --data imagefolder:DIR")
-        batches = int_option({**ctx.options, **self._options}, "calib_batches", 8, minimum=1)
+            raise BadInput(f"apoz needs calibration data: pass {opt('data')} mnist5k or {opt('data')} "
+                           "imagefolder:DIR")
+        batches = self.options.calib_batches
         zeros, positions, images, used = count_zeros(graph, ctx.data.val, batches)
         if used == 0:  # an empty validation split: fall back to training images
             zeros, positions, images, used = count_zeros(graph, ctx.data.train, batches)
         if used == 0:
-            raise BadInput("apoz found no calibration images in --data: give it a non-empty train or val split")
+            raise BadInput(f"apoz found no calibration images in {opt('data')}: give it a non-empty train or val split")
         self.apoz = {}
         unscored: list[dict[str, Any]] = []
         layer_values: dict[str, list[float]] = {}

@@ -27,13 +27,12 @@ Euclidean is implemented here, which is what that code actually ran.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
 
 from deploy_prune.criteria._util import producer_weight
-from deploy_prune.criteria.base import ScoreContext, register
+from deploy_prune.criteria.base import BaseCriterion, register
 from deploy_prune.surgery.graph import DependencyGraph, Group
 
 
@@ -48,18 +47,11 @@ def distance_sums(weight: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class FPGMCriterion:
+class FPGMCriterion(BaseCriterion):
     """Summed Euclidean distance to the layer's other filters; see the module docstring."""
 
     name: ClassVar[str] = "fpgm"
-    needs_data: ClassVar[bool] = False
-    scope: ClassVar[str] = "local"
-
-    def __init__(self, **options: Any) -> None:
-        self._options = dict(options)
-
-    def prepare(self, model: nn.Module, graph: DependencyGraph, ctx: ScoreContext) -> None:
-        """Nothing to prepare: FPGM reads the weights only."""
+    summary: ClassVar[str] = "filter pruning via geometric median (He et al. 2019)"
 
     def score(self, graph: DependencyGraph, group: Group, removed: frozenset[int]) -> torch.Tensor:
         sums = {m: distance_sums(producer_weight(graph, m)) for m in group.modules}

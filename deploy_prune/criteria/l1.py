@@ -5,7 +5,7 @@
 the channels with the smallest ``s_j`` are pruned first. Scope: local (the planner removes ``ratio`` of every
 group, Li et al.'s per-layer rule).
 
-**Options** (``ctx.options`` or ``create("l1", ...)``):
+**Options** (:class:`L1Options`):
 
 * ``l1_mode`` = ``"independent"`` (default) or ``"greedy"`` (§3.2, Fig. 3). *Independent* sums every input
   kernel, including those reading feature maps already pruned upstream (what the official/RNP
@@ -32,13 +32,14 @@ as in their code; see :mod:`deploy_prune.surgery.plan`.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from deploy_prune.criteria._util import choice_option, producer_weight
-from deploy_prune.criteria.base import ScoreContext, register
+from deploy_prune.criteria._util import producer_weight
+from deploy_prune.criteria.base import BaseCriterion, CriterionOptions, option, register
 from deploy_prune.surgery.graph import DependencyGraph, Group
 
 L1_MODES = ("independent", "greedy")
@@ -71,24 +72,23 @@ def shortcut_producers(graph: DependencyGraph, group: Group) -> frozenset[str]:
     return found if 0 < len(found) < len(group.modules) else frozenset()
 
 
+@dataclass(frozen=True)
+class L1Options(CriterionOptions):
+    l1_mode: str = option("independent", "l1: independent | greedy (Li et al. 2017, sec. 3.2): greedy leaves out "
+                          "kernels reading channels already removed upstream.", choices=L1_MODES)
+
+
 @register
-class L1Criterion:
+class L1Criterion(BaseCriterion):
     """Filter L1 norm; see the module docstring for the equation, options and departures."""
 
     name: ClassVar[str] = "l1"
-    needs_data: ClassVar[bool] = False
-    scope: ClassVar[str] = "local"
-
-    def __init__(self, **options: Any) -> None:
-        self._options = dict(options)
-        self.mode = choice_option(self._options, "l1_mode", "independent", L1_MODES)
-
-    def prepare(self, model: nn.Module, graph: DependencyGraph, ctx: ScoreContext) -> None:
-        # options given to the constructor win over the run-wide ctx.options
-        self.mode = choice_option({**ctx.options, **self._options}, "l1_mode", "independent", L1_MODES)
+    summary: ClassVar[str] = "filter L1 norm (Li et al. 2017)"
+    Options = L1Options
+    options: L1Options
 
     def score(self, graph: DependencyGraph, group: Group, removed: frozenset[int]) -> torch.Tensor:
-        excluded = removed if self.mode == "greedy" else frozenset()
+        excluded = removed if self.options.l1_mode == "greedy" else frozenset()
         norms = {m: filter_l1(graph, m, excluded) for m in group.modules}
         shortcuts = shortcut_producers(graph, group)
         out = torch.empty(group.size)

@@ -6,37 +6,32 @@ always removes the same channels, each group gets its own stream (adding a group
 others), and the global torch RNG is never touched. Scope: local (``ratio`` of every group), the
 "random filters" baseline of Li et al. (Fig. 2) and Blalock et al.'s recommended control.
 
-**Options.** None; an explicit ``seed`` passed to ``create("random", seed=...)`` overrides ``ctx.seed``.
+**Options.** None: the seed is the run's (``PruneSpec.seed``), handed over in ``ctx.seed``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from deploy_prune.criteria._util import int_option
-from deploy_prune.criteria.base import ScoreContext, register
+from deploy_prune.criteria.base import BaseCriterion, ScoreContext, register
 from deploy_prune.surgery.graph import DependencyGraph, Group
 
 _STREAM = 1_000_003  # a prime, so (seed, group) pairs map to distinct generator seeds for any realistic sizes
 
 
 @register
-class RandomCriterion:
+class RandomCriterion(BaseCriterion):
     """Seeded uniform scores; see the module docstring."""
 
     name: ClassVar[str] = "random"
-    needs_data: ClassVar[bool] = False
-    scope: ClassVar[str] = "local"
-
-    def __init__(self, **options: Any) -> None:
-        self._options = dict(options)
-        self.seed = int_option(self._options, "seed", 0, minimum=0)
+    summary: ClassVar[str] = "uniformly random channels (the control)"
+    seed: int = 0
 
     def prepare(self, model: nn.Module, graph: DependencyGraph, ctx: ScoreContext) -> None:
-        self.seed = int_option(self._options, "seed", ctx.seed, minimum=0)
+        self.seed = ctx.seed
 
     def score(self, graph: DependencyGraph, group: Group, removed: frozenset[int]) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * _STREAM + group.id)

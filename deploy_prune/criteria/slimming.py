@@ -20,14 +20,14 @@ trained in place with the official code's subgradient step, ``bn.weight.grad += 
 after every ``backward()`` (``main.py`` ``updateBN``), for every BatchNorm with an affine weight. Without data
 the trained gammas are used as they are.
 
-**Options** (``ctx.options`` or ``create("slimming", ...)``):
+**Options** (:class:`SlimmingOptions`):
 
 * ``sparsity`` (lambda, default 1e-4, the paper's VGG value; 1e-5 for ResNet/DenseNet).
 * ``sparsity_epochs`` (default 2; 0 disables the sparsity training).
 * ``sparsity_lr`` (default 0.01), with SGD momentum 0.9 and weight decay 1e-4 (the paper's optimizer and
   decay; constant LR).
 
-**Artifacts.** ``ctx.artifacts["gamma_hist"] = {"before": counts, "after": counts | None, "bins": edges,
+**Artifacts.** ``ctx.report["gamma_hist"] = {"before": counts, "after": counts | None, "bins": edges,
 "lambda": ..., "epochs": ...}``: histograms of |gamma| over all BatchNorms with a common set of bin edges
 (the seed report's Figure 4); :func:`plot_gamma_hist` draws it.
 
@@ -42,23 +42,20 @@ the official ``vggprune.py`` keeps ``gamma > sorted[int(total * percent)]``, i.e
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-from deploy_prune.criteria._util import BATCHNORMS, float_option, int_option
-from deploy_prune.criteria.base import ScoreContext, register
+from deploy_prune.criteria._util import BATCHNORMS
+from deploy_prune.criteria.base import BaseCriterion, CriterionOptions, ScoreContext, option, register
 from deploy_prune.surgery.graph import Channel, DependencyGraph, Group
+from deploy_prune.train.sparsity import batchnorm_weights, sparsity_training
 
 HIST_BINS = 40
-
-
-def batchnorm_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The affine scale ``gamma`` of every BatchNorm in ``model``."""
-    return [m.weight for m in model.modules()
-            if isinstance(m, BATCHNORMS) and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
 def _all_gammas(model: nn.Module) -> torch.Tensor:
@@ -87,53 +84,36 @@ def gamma_histogram(before: torch.Tensor, after: torch.Tensor | None, bins: int 
             "bins": [float(e) for e in edges]}
 
 
-def sparsity_training(model: nn.Module, loader: Any, *, sparsity: float, epochs: int, lr: float,
-                      seed: int = 0, progress: bool = True) -> list[float]:
-    """Train ``model`` in place with Liu et al.'s L1 penalty on every BN gamma; return per-epoch losses."""
-    from deploy_prune.train import train  # lazy: keeps the criteria registry import light
-
-    gammas = batchnorm_weights(model)
-
-    def add_l1_subgradient(_: nn.Module) -> None:
-        # official main.py updateBN(): bn.weight.grad.data.add_(s * torch.sign(bn.weight.data))
-        with torch.no_grad():
-            for w in gammas:
-                if w.grad is not None:
-                    w.grad.add_(torch.sign(w), alpha=sparsity)
-
-    was_training = model.training
-    try:
-        return train(model, loader, epochs=epochs, lr=lr, optimizer="sgd", momentum=0.9, weight_decay=1e-4,
-                     after_backward=add_l1_subgradient, seed=seed, desc="sparsity", progress=progress)
-    finally:
-        model.train(was_training)
+@dataclass(frozen=True)
+class SlimmingOptions(CriterionOptions):
+    sparsity: float = option(1e-4, "slimming: lambda of the L1 penalty on BN scales.", minimum=0.0)
+    sparsity_epochs: int = option(2, "slimming: sparsity-training epochs (needs --data).", minimum=0, integer=True)
+    sparsity_lr: float = option(0.01, "slimming: learning rate of the sparsity training (SGD, momentum 0.9).",
+                                minimum=0.0)
 
 
 @register
-class SlimmingCriterion:
+class SlimmingCriterion(BaseCriterion):
     """|gamma| of the channel's BatchNorm(s), one global threshold; see the module docstring."""
 
     name: ClassVar[str] = "slimming"
-    needs_data: ClassVar[bool] = False
+    summary: ClassVar[str] = "BatchNorm scaling factors after L1 sparsity training (Liu et al. 2017)"
     scope: ClassVar[str] = "global"
-
-    def __init__(self, **options: Any) -> None:
-        self._options = dict(options)
+    Options = SlimmingOptions
+    options: SlimmingOptions
 
     def prepare(self, model: nn.Module, graph: DependencyGraph, ctx: ScoreContext) -> None:
-        opts = {**ctx.options, **self._options}
-        sparsity = float_option(opts, "sparsity", 1e-4)
-        epochs = int_option(opts, "sparsity_epochs", 2, minimum=0)
-        lr = float_option(opts, "sparsity_lr", 0.01)
+        o = self.options
         before = _all_gammas(model)
         after = None
-        trained = ctx.data is not None and epochs > 0 and bool(batchnorm_weights(model))
+        trained = ctx.data is not None and o.sparsity_epochs > 0 and bool(batchnorm_weights(model))
         if trained:
-            sparsity_training(model, ctx.data.train, sparsity=sparsity, epochs=epochs, lr=lr, seed=ctx.seed,
-                              progress=bool(opts.get("progress", True)))
+            sparsity_training(model, ctx.data.train, sparsity=o.sparsity, epochs=o.sparsity_epochs,
+                              lr=o.sparsity_lr, seed=ctx.seed, progress=ctx.progress)
             after = _all_gammas(model)
-        ctx.artifacts["gamma_hist"] = {**gamma_histogram(before, after), "lambda": sparsity,
-                                       "epochs": epochs if trained else 0}
+        hist = {**gamma_histogram(before, after), "lambda": o.sparsity, "epochs": o.sparsity_epochs if trained else 0}
+        ctx.report["gamma_hist"] = hist
+        ctx.plots["gamma_hist.png"] = functools.partial(plot_gamma_hist, hist)
 
     def score(self, graph: DependencyGraph, group: Group, removed: frozenset[int]) -> torch.Tensor:
         return torch.tensor([channel_gamma(graph, ch) for ch in group.channels])

@@ -1,32 +1,20 @@
 """Removing channels: the one place that edits modules.
 
-``prune_channels`` takes the analysis and the set of channel classes to remove, and rewrites every member of
-each class (producer outputs, consumer inputs, norm layers, depthwise convs, parameters read by the forward).
-The change is recorded as ``{producer layer: removed output indices}``: replaying that plan on a freshly built
-architecture (:func:`replay`) gives the same pruned network, which is how ``pruned.pt`` loads without pickle.
+``prune_channels`` takes the analysis and a :class:`~deploy_prune.spec.PrunePlan`, and rewrites every member of
+each removed channel class (producer outputs, consumer inputs, norm layers, depthwise convs, parameters read by
+the forward). Replaying a plan on a freshly built architecture (:func:`replay`) gives the same pruned network,
+which is how ``pruned.pt`` loads without pickle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
-from deploy_prune.errors import DeployPruneError
+from deploy_prune.errors import DeployPruneError, opt
+from deploy_prune.spec import PrunePlan
 from deploy_prune.surgery.graph import DependencyGraph, analyze
-
-
-@dataclass(frozen=True)
-class LayerChange:
-    name: str
-    before: int
-    after: int
-    kept: tuple[int, ...]
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "out_channels_before": self.before, "out_channels_after": self.after,
-                "kept": list(self.kept)}
+from deploy_prune.surgery.plan import roots_from_plan
 
 
 def _keep(labels: torch.Tensor, graph: DependencyGraph, removed: set[int]) -> torch.Tensor:
@@ -50,23 +38,26 @@ def _slice(m: nn.Module, attr: str, idx: torch.Tensor, dim: int = 0) -> None:
         _set_param(m, attr, t.detach().index_select(dim, idx))
 
 
-def prune_channels(model: nn.Module, graph: DependencyGraph, removed: set[int]) -> list[LayerChange]:
-    """Remove the channel classes ``removed`` (roots from ``graph``) from ``model`` in place.
+def prune_channels(model: nn.Module, graph: DependencyGraph, plan: PrunePlan) -> None:
+    """Remove the channels ``plan`` drops from ``model``, in place.
 
-    ``model`` must be the module ``graph`` was built from. Returns one :class:`LayerChange` per producer layer
-    whose width changed, in graph order.
+    ``model`` must be the module ``graph`` was built from (or an identical copy of it).
+
+    Raises:
+        DeployPruneError: the plan does not fit this model (see :func:`~deploy_prune.surgery.plan.roots_from_plan`),
+            or a layer would have to be sliced inconsistently.
     """
-    removed = {graph.el.find(r) for r in removed}
+    removed = roots_from_plan(graph, plan)
     if not removed:
-        return []
+        return
     out_keep = {n: _keep(ids, graph, removed) for n, ids in graph.producer_ids.items()}
     reads: dict[tuple[str, str], torch.Tensor] = {}
     for c in graph.consumers:
         k = _keep(c.labels, graph, removed)
         prev = reads.get((c.name, c.role))
         if prev is not None and not torch.equal(prev, k):
-            raise DeployPruneError(f"layer '{c.name}' is called on inputs pruned differently; use --ignore "
-                                   f"{c.name}")
+            raise DeployPruneError(f"layer '{c.name}' is called on inputs pruned differently; leave it unpruned "
+                                   f"with {opt('ignore')} {c.name}")
         reads[(c.name, c.role)] = k
     for (name, role), k in reads.items():
         m = model.get_submodule(name)
@@ -95,7 +86,6 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, removed: set[int]) 
                 m.normalized_shape = (len(k),)
             else:
                 m.num_features = len(k)
-    changes: list[LayerChange] = []
     for name in graph.order:
         k = out_keep[name]
         before = len(graph.producer_ids[name])
@@ -108,7 +98,6 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, removed: set[int]) 
             m.out_features = len(k)
         else:
             m.out_channels = len(k)
-        changes.append(LayerChange(name, before, len(k), tuple(k.tolist())))
     for p in graph.params.values():
         roots = graph.el.roots(p.ids)
         mask = torch.isin(roots, torch.tensor(sorted(removed), dtype=torch.long))
@@ -116,40 +105,17 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, removed: set[int]) 
             continue
         dims = [d for d in range(mask.dim()) if mask.shape[d] > 1 and bool((mask != mask.narrow(d, 0, 1)).any())]
         if len(dims) != 1:
-            raise DeployPruneError(f"cannot slice tensor '{p.name}' consistently; use --ignore on its layer")
+            raise DeployPruneError(f"cannot slice tensor '{p.name}' consistently; leave its layer unpruned with "
+                                   f"{opt('ignore')}")
         d = dims[0]
         idx = [0] * mask.dim()
         idx[d] = slice(None)
         keep = torch.nonzero(~mask[tuple(idx)].reshape(-1)).reshape(-1)
         owner, _, attr = p.name.rpartition(".")
         _slice(model.get_submodule(owner) if owner else model, attr, keep, d)
-    return changes
 
 
-def removed_plan(graph: DependencyGraph, removed: set[int]) -> dict[str, list[int]]:
-    """``{producer layer: removed output indices}``: a portable record of a pruning decision."""
-    roots = {graph.el.find(r) for r in removed}
-    plan: dict[str, list[int]] = {}
-    for name, ids in graph.producer_ids.items():
-        gone = [i for i, r in enumerate(graph.el.roots(ids).tolist()) if r in roots]
-        if gone:
-            plan[name] = gone
-    return plan
-
-
-def roots_from_plan(graph: DependencyGraph, plan: dict[str, list[int]]) -> set[int]:
-    roots: set[int] = set()
-    for name, idx in plan.items():
-        if name not in graph.producer_ids:
-            raise DeployPruneError(f"the pruning plan names layer '{name}', which this architecture lacks")
-        ids = graph.producer_ids[name]
-        for i in idx:
-            roots.add(graph.el.find(int(ids[i])))
-    return roots
-
-
-def replay(model: nn.Module, input_shape: tuple[int, ...], plan: dict[str, list[int]]) -> nn.Module:
+def replay(model: nn.Module, input_shape: tuple[int, ...], plan: PrunePlan) -> nn.Module:
     """Re-apply a recorded plan to a freshly built (unpruned) ``model``, in place; returns it."""
-    graph = analyze(model, input_shape)
-    prune_channels(model, graph, roots_from_plan(graph, plan))
+    prune_channels(model, analyze(model, input_shape), plan)
     return model

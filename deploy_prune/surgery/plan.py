@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deploy_prune.errors import DeployPruneError
+from deploy_prune.spec import PrunePlan
 from deploy_prune.surgery.graph import DependencyGraph, Group
 
 if TYPE_CHECKING:  # criteria import the surgery package; only the type is needed here
@@ -84,39 +86,99 @@ def _check(criterion: Criterion, g: Group, s: torch.Tensor) -> torch.Tensor:
     return s.float()
 
 
-def select(graph: DependencyGraph, criterion: Criterion, cfg: PlanConfig) -> set[int]:
-    """Return the channel roots to remove.
+def uniform_counts(graph: DependencyGraph, cfg: PlanConfig) -> dict[int, int]:
+    """Local scope: each group keeps :func:`kept_count` of its channels at its ratio."""
+    return {g.id: kept_count(g.size, _group_ratio(g, cfg), cfg, g.multiple_of, g.channels_per_class, g.grouped)
+            for g in graph.groups}
 
-    Local scope: each group keeps :func:`kept_count` of its channels. Global scope (Network Slimming, or any
-    criterion with ``PlanConfig(scope="global")``, its scores then divided by each group's mean): the
-    ``ratio`` share of all finitely-scored channels with the lowest scores is chosen across the whole network
-    (exactly ``int(total * ratio)``, ties broken by graph order), then each group's count is adjusted to the
-    same limits as local pruning (never empty, ``max_layer_ratio``, ``round_to``).
+
+def comparable_scores(graph: DependencyGraph, criterion: Criterion) -> dict[int, torch.Tensor]:
+    """Every group's scores, made comparable across groups.
+
+    A criterion with ``scope = "global"`` (slimming's |gamma|) is comparable as it is. A per-layer score
+    (filter norms, distances) is not comparable across layers of different sizes: it is divided by the
+    group's mean finite score, as Torch-Pruning's "mean" normaliser does.
+    """
+    out = {}
+    for g in graph.groups:
+        s = _check(criterion, g, criterion.score(graph, g, frozenset()))
+        out[g.id] = s if criterion.scope == "global" else s / _finite_mean(s)
+    return out
+
+
+def global_counts(graph: DependencyGraph, scores: dict[int, torch.Tensor], cfg: PlanConfig) -> dict[int, int]:
+    """Global scope: the ``ratio`` share of all finitely-scored channels with the lowest scores is chosen across
+    the whole network (exactly ``int(total * ratio)``, ties broken by graph order), then each group's count is
+    adjusted to the same limits as local pruning (never empty, ``max_layer_ratio``, ``round_to``)."""
+    pool = [(float(s[i]), gi, i) for gi, g in enumerate(graph.groups) for s in (scores[g.id],)
+            for i in range(g.size) if math.isfinite(float(s[i]))]
+    k = int(len(pool) * cfg.ratio + 1e-9)
+    below = [0] * len(graph.groups)
+    for _, gi, _ in sorted(pool)[:k]:
+        below[gi] += 1
+    return {g.id: (g.size if n == 0 else
+                   kept_count(g.size, n / g.size, cfg, g.multiple_of, g.channels_per_class, g.grouped))
+            for g, n in zip(graph.groups, below)}
+
+
+def choose(graph: DependencyGraph, criterion: Criterion, counts: dict[int, int],
+           scores: dict[int, torch.Tensor] | None = None) -> set[int]:
+    """The channel roots to remove so that group ``g`` keeps ``counts[g.id]`` channels: the lowest-scored ones.
+
+    Groups are visited in graph order; without precomputed ``scores`` each group is scored with the roots
+    already removed upstream (greedy L1 leaves their kernels out).
     """
     removed: set[int] = set()
-    scope = cfg.scope or criterion.scope
-    if scope == "global" and not cfg.layer_ratios:
-        scored = [(g, _check(criterion, g, criterion.score(graph, g, frozenset()))) for g in graph.groups]
-        if criterion.scope != "global":
-            # a per-layer score (filter norms, distances) is not comparable across layers of different sizes:
-            # divide by the group's mean finite score, as Torch-Pruning's "mean" normaliser does
-            scored = [(g, s / _finite_mean(s)) for g, s in scored]
-        pool = [(float(s[i]), gi, i) for gi, (g, s) in enumerate(scored) for i in range(g.size)
-                if math.isfinite(float(s[i]))]
-        k = int(len(pool) * cfg.ratio + 1e-9)
-        below = [0] * len(scored)
-        for _, gi, _ in sorted(pool)[:k]:
-            below[gi] += 1
-        for (g, s), n_below in zip(scored, below):
-            if n_below == 0:
-                continue
-            keep = kept_count(g.size, n_below / g.size, cfg, g.multiple_of, g.channels_per_class, g.grouped)
-            removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
-        return removed
     for g in graph.groups:
-        keep = kept_count(g.size, _group_ratio(g, cfg), cfg, g.multiple_of, g.channels_per_class, g.grouped)
+        keep = counts.get(g.id, g.size)
         if keep >= g.size:
             continue
-        s = _check(criterion, g, criterion.score(graph, g, frozenset(removed)))
+        s = scores[g.id] if scores is not None else _check(criterion, g, criterion.score(graph, g,
+                                                                                          frozenset(removed)))
         removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
     return removed
+
+
+def select(graph: DependencyGraph, criterion: Criterion, cfg: PlanConfig) -> PrunePlan:
+    """Decide the plan: local scope keeps :func:`uniform_counts`; global scope (Network Slimming, or any
+    criterion with ``PlanConfig(scope="global")``) ranks comparable scores against one threshold
+    (:func:`global_counts`). Per-layer ratios (``cfg.layer_ratios``) are always local."""
+    scope = cfg.scope or criterion.scope
+    if scope == "global" and not cfg.layer_ratios:
+        scores = comparable_scores(graph, criterion)
+        return plan_from_roots(graph, choose(graph, criterion, global_counts(graph, scores, cfg), scores))
+    return plan_from_roots(graph, choose(graph, criterion, uniform_counts(graph, cfg)))
+
+
+def plan_from_roots(graph: DependencyGraph, roots: set[int]) -> PrunePlan:
+    """The plan that removes the channel classes ``roots`` of ``graph``."""
+    roots = {graph.el.find(r) for r in roots}
+    kept: dict[str, list[int]] = {}
+    for name, ids in graph.producer_ids.items():
+        rs = graph.el.roots(ids).tolist()
+        if any(r in roots for r in rs):
+            kept[name] = [i for i, r in enumerate(rs) if r not in roots]
+    return PrunePlan(graph.layer_widths(), kept)
+
+
+def roots_from_plan(graph: DependencyGraph, plan: PrunePlan) -> set[int]:
+    """The channel classes of ``graph`` a plan removes.
+
+    Raises:
+        DeployPruneError: the plan names a layer the model lacks, records another width for it, or removes
+            channels without their coupled partners (a plan made for another model).
+    """
+    widths = graph.layer_widths()
+    roots: set[int] = set()
+    for name, idx in plan.removed().items():
+        if name not in widths:
+            raise DeployPruneError(f"the pruning plan names layer '{name}', which this architecture lacks")
+        if widths[name] != plan.widths[name]:
+            raise DeployPruneError(f"the pruning plan says layer '{name}' has {plan.widths[name]} output "
+                                   f"channels, but this architecture has {widths[name]}")
+        ids = graph.producer_ids[name]
+        roots.update(graph.el.find(int(ids[i])) for i in idx)
+    if dict(plan_from_roots(graph, roots).kept) != dict(plan.kept):
+        raise DeployPruneError("the pruning plan removes channels without the channels coupled to them; it was "
+                               "made for another model")
+    return roots

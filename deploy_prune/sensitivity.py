@@ -21,6 +21,11 @@ from typing import Any
 
 import torch.nn as nn
 
+from deploy_prune import criteria
+from deploy_prune.errors import BadInput
+from deploy_prune.surgery import PlanConfig, analyze, prune_channels, select
+from deploy_prune.train import evaluate
+
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -31,7 +36,7 @@ def group_label(modules: tuple[str, ...] | list[str]) -> str:
 
 def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, criterion: str = "l1",
                 fractions: tuple[float, ...] = DEFAULT_FRACTIONS, max_batches: int | None = None,
-                seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                seed: int = 0, options: Any = None, progress: bool = True) -> dict[str, Any]:
     """Prune every group alone at each fraction, without retraining, and measure validation accuracy.
 
     Args:
@@ -39,30 +44,21 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
         data: a :class:`~deploy_prune.data.DataBundle`; ``data.val`` is evaluated.
         input_shape: ``(1, C, H, W)`` for the dependency analysis.
         criterion: a registered criterion name (``l1``, ``fpgm``, ``apoz``, ``random``, ``slimming``...).
+        options: the criterion's options (its ``Options``; None = defaults).
         fractions: pruned fractions to try, each in (0, 1).
         max_batches: evaluate only this many validation batches per trial (None = all).
         seed: the run seed (random criterion, any training a criterion's ``prepare`` does).
-        options: criterion options (as ``ScoreContext.options``).
 
     Returns:
         ``{"criterion", "baseline": acc, "layers": {label: {"modules": [...], "size": n, "fractions": [...],
         "removed": [channels removed per fraction], "accuracy": [...]}}}``, labels in graph order.
     """
-    # lazy: the surgery package imports the criteria registry, so importing it at module level would be
-    # circular when ``deploy_prune.criteria`` is imported first
-    from deploy_prune.criteria.base import ScoreContext, create
-    from deploy_prune.errors import BadInput
-    from deploy_prune.surgery.apply import prune_channels
-    from deploy_prune.surgery.graph import analyze
-    from deploy_prune.surgery.plan import PlanConfig, select
-    from deploy_prune.train import evaluate
-
     if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
         raise BadInput(f"sensitivity fractions must lie in (0, 1), got {list(fractions)}")
     work = copy.deepcopy(model)
     graph = analyze(work, input_shape)
-    crit = create(criterion)
-    ctx = ScoreContext(data=data, seed=seed, options=dict(options or {}))
+    crit = criteria.create(criterion, options)
+    ctx = criteria.ScoreContext(data=data, seed=seed, progress=progress)
     crit.prepare(work, graph, ctx)
     baseline = evaluate(work, data.val, max_batches=max_batches)
     layers: dict[str, Any] = {}
@@ -71,11 +67,11 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
                                  "removed": [], "accuracy": []}
         for f in fractions:
             cfg = PlanConfig(ratio=0.0, max_layer_ratio=1.0, layer_ratios={m: f for m in group.modules})
-            removed = select(graph, crit, cfg)
+            plan = select(graph, crit, cfg)
             trial = copy.deepcopy(work)
-            prune_channels(trial, graph, removed)
+            prune_channels(trial, graph, plan)
             entry["fractions"].append(float(f))
-            entry["removed"].append(len(removed))
+            entry["removed"].append(_classes_removed(graph, group, plan))
             entry["accuracy"].append(evaluate(trial, data.val, max_batches=max_batches))
         layers[group_label(group.modules)] = entry
     return {"criterion": criterion, "baseline": baseline, "layers": layers}
@@ -122,3 +118,11 @@ def plot_sensitivity(result: dict[str, Any], path: str | Path) -> Path:
     out = Path(path)
     fig.savefig(out, bbox_inches="tight")
     return out
+
+
+def _classes_removed(graph: Any, group: Any, plan: Any) -> int:
+    """How many of ``group``'s channel classes ``plan`` removes."""
+    from deploy_prune.surgery import roots_from_plan
+
+    roots = roots_from_plan(graph, plan)
+    return sum(1 for ch in group.channels if ch.root in roots)

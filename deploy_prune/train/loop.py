@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from deploy_prune.errors import BadInput
+from deploy_prune.errors import BadInput, opt
 
 Hook = Callable[[nn.Module], None]
 
@@ -55,7 +55,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, max_batches: int | None = 
     finally:
         model.train(was_training)
     if total == 0:
-        raise BadInput("the evaluation data is empty: give --data a non-empty validation split")
+        raise BadInput(f"the evaluation data is empty: give {opt('data')} a non-empty validation split")
     return 100.0 * correct / total
 
 

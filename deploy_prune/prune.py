@@ -1,0 +1,187 @@
+"""The pruning stage: the structured model and its unstructured twin.
+
+* :func:`prune_structured` removes channels in ``spec.steps`` steps (analyse → criterion → plan → surgery, then
+  finetune), composing each step's plan into one :class:`~deploy_prune.spec.PrunePlan` in the original
+  numbering.
+* A criterion's ``pairing`` says how the two pruned variants are made (:data:`PAIRINGS`):
+  ``structured_first`` prunes channels, then masks the dense model to the same non-zero count;
+  ``ticket_first`` (lottery) finds the unstructured ticket, then matches an L1 channel prune to its size.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from deploy_prune import criteria
+from deploy_prune.errors import BadInput, opt
+from deploy_prune.metrics import count_nonzero, count_params
+from deploy_prune.spec import PrunePlan, PruneSpec
+from deploy_prune.surgery import PlanConfig, analyze, prune_channels, select
+from deploy_prune.train import Trainer
+from deploy_prune.unstructured import make_permanent, mask_to_nonzero
+
+
+@dataclass
+class Pruned:
+    """A channel-pruned model and how it came about.
+
+    Attributes:
+        model: the pruned module (finetuned when the run finetunes).
+        plan: the kept channels per layer, in the original numbering.
+        skipped: producer layers the analysis left (partly) alone, with the reason.
+        accuracy_before_finetune: accuracy right after the first step's surgery (None without data).
+        steps: one row per step (the report's ``schedule`` when there are several).
+        criterion: what the criterion left for the report (artifacts, top-level entries, plots).
+    """
+
+    model: nn.Module
+    plan: PrunePlan
+    skipped: dict[str, str]
+    accuracy_before_finetune: float | None
+    steps: list[dict[str, Any]]
+    criterion: criteria.ScoreContext
+
+
+@dataclass
+class PrunedPair:
+    """What the pruning stage hands on: both pruned variants and what the report says about them."""
+
+    structured: Pruned
+    unstructured: nn.Module
+    unstructured_accuracy_before: float | None
+    ratio: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _plan_config(spec: PruneSpec, ratio: float) -> PlanConfig:
+    return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=spec.max_layer_ratio,
+                      layer_ratios=dict(spec.layer_ratios), scope=spec.scope)
+
+
+def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer, *,
+                     finetune: bool = True) -> Pruned:
+    """Prune ``model`` in place in ``spec.steps`` steps; each step removes ``1 - (1 - ratio)^(1/steps)`` of
+    what is left and, with ``finetune``, evaluates and finetunes."""
+    assert spec.ratio is not None, "a target is resolved to a ratio before pruning"
+    step_keep = (1 - spec.ratio) ** (1 / spec.steps)
+    plan: PrunePlan | None = None
+    first: criteria.ScoreContext | None = None
+    skipped: dict[str, str] = {}
+    acc_before: float | None = None
+    rows: list[dict[str, Any]] = []
+    for step in range(spec.steps):
+        graph = analyze(model, shape, ignore=spec.ignore)
+        crit = criteria.create(spec.criterion, spec.options)
+        ctx = criteria.ScoreContext(data=trainer.data, seed=spec.seed + step, progress=trainer.progress)
+        crit.prepare(model, graph, ctx)
+        step_plan = select(graph, crit, _plan_config(spec, 1 - step_keep))
+        widths_before = sum(graph.layer_widths().values())
+        prune_channels(model, graph, step_plan)
+        plan = step_plan if plan is None else plan.then(step_plan)
+        acc = trainer.accuracy(model) if finetune else None
+        if step == 0:
+            first, skipped, acc_before = ctx, dict(graph.skipped), acc
+        if finetune:
+            trainer.finetune(model, f"finetune structured (step {step + 1}/{spec.steps})")
+        rows.append({"step": step + 1, "params": count_params(model), "accuracy_pruned": acc,
+                     "accuracy_finetuned": trainer.accuracy(model) if finetune and trainer.data else None,
+                     "layers_changed": len(step_plan.kept), "widths_before": widths_before})
+    assert plan is not None and first is not None
+    return Pruned(model, plan, skipped, acc_before, rows, first)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pairings
+
+
+def structured_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer,
+                     say: Callable[[str], None]) -> PrunedPair:
+    """Prune channels; then mask the dense model to the same non-zero count and give it the same finetuning."""
+    say(f"pruning with {spec.criterion} at ratio {spec.ratio} ({spec.steps} step(s))")
+    structured = prune_structured(copy.deepcopy(dense), spec, shape, trainer)
+    target = count_nonzero(structured.model)
+    say(f"unstructured: magnitude masks to {target:,} non-zero weights")
+    unstructured = copy.deepcopy(dense)
+    mask_to_nonzero(unstructured, target)  # live masks: finetuning cannot revive a pruned weight
+    before = trainer.accuracy(unstructured)
+    trainer.finetune(unstructured, "finetune unstructured")
+    make_permanent(unstructured)
+    ratio = spec.ratio if not spec.layer_ratios else structured.plan.removed_fraction()
+    assert ratio is not None
+    return PrunedPair(structured, unstructured, before, ratio)
+
+
+def _l1_twin(spec: PruneSpec, ratio: float) -> PruneSpec:
+    """The structured L1 prune that lottery compares its ticket with (same ``l1_mode``, one step)."""
+    from deploy_prune.criteria.l1 import L1Options
+
+    return spec.with_(criterion="l1", options=L1Options(l1_mode=spec.options.l1_mode), ratio=ratio, steps=1)
+
+
+def _match_structured(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], target_nonzero: int,
+                      trainer: Trainer) -> tuple[Pruned, float]:
+    """L1 prune at the ratio whose non-zero count is closest to ``target_nonzero`` from below."""
+    lo, hi = 0.0, min(0.95, spec.max_layer_ratio)
+    best: tuple[float, int] | None = None
+    no_data = Trainer(None, trainer.spec, trainer.seed, trainer.progress)
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        nz = count_nonzero(prune_structured(copy.deepcopy(dense), _l1_twin(spec, mid), shape, no_data,
+                                            finetune=False).model)
+        # closest from below, so the ticket can be trimmed to exactly the same budget
+        if nz <= target_nonzero and (best is None or nz > best[1]):
+            best = (mid, nz)
+        if nz > target_nonzero:
+            lo = mid
+        else:
+            hi = mid
+    if best is None:
+        raise BadInput(f"no structured prune of this model is as small as the ticket; lower {opt('ratio')} or "
+                       f"raise {opt('max_layer_ratio')}")
+    return prune_structured(copy.deepcopy(dense), _l1_twin(spec, best[0]), shape, trainer), best[0]
+
+
+def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer,
+                 say: Callable[[str], None]) -> PrunedPair:
+    """Lottery: find the ticket, match a structured L1 prune to its size, trim the ticket to exactly that size
+    and give it the same finetuning as its structured twin."""
+    from deploy_prune.train.lottery import find_ticket
+
+    o = spec.options
+    assert spec.ratio is not None
+    say(f"lottery: iterative magnitude pruning to {spec.ratio:.0%} sparsity in {o.lottery_rounds} rounds")
+    res = find_ticket(copy.deepcopy(dense), trainer.data, target_sparsity=spec.ratio, rounds=o.lottery_rounds,
+                      scope=o.lottery_scope, rewind_iter=o.rewind_iter, epochs_per_round=max(1, trainer.spec.epochs),
+                      lr=trainer.spec.lr or 1.2e-3, optimizer="adam", seed=spec.seed, progress=trainer.progress,
+                      reinit_control=o.reinit_control)
+    ticket = res.model
+    info: dict[str, Any] = {"history": res.history, "reinit_accuracy": res.reinit_accuracy}
+    say("structured: L1 matched to the ticket's non-zero count")
+    structured, matched = _match_structured(dense, spec, shape, count_nonzero(ticket), trainer)
+    # Channel counts move in steps, so the closest structured model sits a little below the ticket's budget;
+    # the ticket's smallest surviving weights are trimmed to the same count (contract: within 1%). The
+    # trimmed ticket then gets the same finetuning budget as its structured twin, masks live.
+    ticket_nonzero = count_nonzero(ticket)
+    info["ticket_accuracy"] = trainer.accuracy(ticket)
+    mask_to_nonzero(ticket, count_nonzero(structured.model))
+    before = trainer.accuracy(ticket)
+    trainer.finetune(ticket, "finetune trimmed ticket")
+    make_permanent(ticket)
+    info["ticket_nonzero"] = ticket_nonzero
+    info["trimmed_to_match"] = ticket_nonzero - count_nonzero(ticket)
+    info["matched_structured_ratio"] = round(matched, 4)
+    return PrunedPair(structured, ticket, before, spec.ratio, {"lottery": info})
+
+
+PAIRINGS: dict[str, Callable[..., PrunedPair]] = {"structured_first": structured_first, "ticket_first": ticket_first}
+
+
+def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer,
+               say: Callable[[str], None] = lambda _: None) -> PrunedPair:
+    """Both pruned variants of ``dense`` (which is not modified), made the way the criterion's pairing says."""
+    return PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say)
