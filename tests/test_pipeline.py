@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deploy_prune.cli.main import main
+from deploy_prune.errors import BadInput
 from deploy_prune.loading import load_model
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "deploy_prune" / "report.schema.json").read_text())
@@ -72,6 +73,18 @@ def test_run_without_data_writes_a_valid_bundle_and_a_loadable_checkpoint(tmp_pa
     widths = {layer["name"]: layer["out_channels_after"] for layer in report["layers"]}
     for name, after in widths.items():
         assert loaded.model.get_submodule(name).out_channels == after
+    # a pruned.pt written before plans were typed ({layer: removed indices}, format v1) still loads the same
+    plan = raw.pop("plan")
+    raw["format"] = "deploy-prune/pruned/v1"
+    raw["prune_plan"] = {n: sorted(set(range(plan["widths"][n])) - set(k)) for n, k in plan["kept"].items()}
+    torch.save(raw, tmp_path / "v1.pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(load_model(str(tmp_path / "v1.pt")).model(x).numpy(), y, rtol=1e-6, atol=1e-6)
+    # a plan that does not fit the architecture is refused with a clear message
+    raw["prune_plan"] = {"no.such.layer": [0]}
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(BadInput, match="pruning plan does not fit"):
+        load_model(str(tmp_path / "bad.pt"))
 
 
 def test_run_accepts_its_own_pruned_checkpoint(tmp_path: Path) -> None:
