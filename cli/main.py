@@ -3,6 +3,7 @@ codes: 0 success, 2 bad input (one line ``error: ...`` on stderr, no traceback),
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import sys
@@ -100,6 +101,25 @@ def _registry_params() -> list[inspect.Parameter]:
         out.append(inspect.Parameter(kind, inspect.Parameter.KEYWORD_ONLY, default=False,
                                      annotation=Annotated[bool, typer.Option(f"--{kind}", help=f"Add the {kind} "
                                                                              f"variant: {v.description}.")]))
+        for f in dataclasses.fields(v.Options) if v.Options is not None else ():
+            typ = _PY_TYPES[f.type] if isinstance(f.type, str) else f.type
+            help_text = f"{f.metadata['help']} Default {criteria.default_of(f)!r}."
+            out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                         annotation=Annotated[Optional[typ], typer.Option(
+                                             "--" + f.name.replace("_", "-"), help=help_text)]))
+    return out
+
+
+def _variant_options(kw: dict[str, Any]) -> dict[str, Any]:
+    """Each optional variant's options from the flags given (a variant option without its variant is refused)."""
+    out = {}
+    for kind in variants.optional_kinds():
+        cls = variants.get(kind).Options
+        given = {f.name: kw[f.name] for f in dataclasses.fields(cls) if kw.get(f.name) is not None} if cls else {}
+        if given and not kw.get(kind):
+            raise BadInput(f"--{next(iter(given)).replace('_', '-')} is an option of the {kind} variant: add --{kind}")
+        if kw.get(kind):
+            out[kind] = variants.make_options(kind, given)
     return out
 
 
@@ -137,7 +157,8 @@ def _run_spec(kw: dict[str, Any]) -> Any:
         train=TrainSpec(epochs=0 if kw["no_finetune"] else kw["epochs"], lr=kw["lr"], batch_size=kw["batch_size"]),
         bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"]),
         data=kw["data"], input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
-        variants=tuple(k for k in variants.optional_kinds() if kw.get(k)), progress=not kw["quiet"])
+        variants=tuple(k for k in variants.optional_kinds() if kw.get(k)), variant_options=_variant_options(kw),
+        progress=not kw["quiet"])
 
 
 run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

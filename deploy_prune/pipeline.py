@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     with staging(spec.out, spec.force) as stage:
         say("exporting to ONNX, cleaning with onnx-graphsurgeon, checking parity with ONNX Runtime")
         chosen = variants_mod.selected(spec.variants)
-        made = make_variants(chosen, pair, dense, stage, inputs, trainer, provider, known)
+        made = make_variants(chosen, pair, dense, stage, inputs, trainer, provider, known,
+                             options=spec.variant_options, threads=spec.bench.threads)
         say(f"benchmarking {' vs '.join(v.kind for v in chosen)} on {provider} ({spec.bench.iters} iterations each)")
         result = bench.benchmark({m.kind: stage / m.file for m in made}, inputs.shape, provider=provider,
                                  threads=spec.bench.threads, iters=spec.bench.iters, seed=spec.prune.seed,
@@ -124,10 +125,12 @@ def parity_inputs(shape: tuple[int, ...], data: Any, seed: int) -> list[torch.Te
 
 
 def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: nn.Module, stage: Path,
-                  inputs: Inputs, trainer: Trainer, provider: str, known: dict[str, float | None]) -> list[Made]:
+                  inputs: Inputs, trainer: Trainer, provider: str, known: dict[str, float | None], *,
+                  options: Mapping[str, Any] | None = None, threads: int | None = None) -> list[Made]:
     """Write every chosen variant's ONNX file into ``stage`` and check it; raise if any fails parity."""
     from deploy_prune import export
 
+    options = options or {}
     batches = parity_inputs(inputs.shape, inputs.data, trainer.seed)
     modules: dict[str, nn.Module] = {}
     made: list[Made] = []
@@ -145,7 +148,7 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
             assert v.derive is not None and v.source is not None
             ctx = variants_mod.DeriveContext(stage / variants_mod.get(v.source).file, path, modules[v.source],
                                              inputs.data, inputs.shape, batches, provider, trainer.seed,
-                                             trainer.progress)
+                                             trainer.progress, options.get(v.kind), threads)
             d = v.derive(ctx)
             made.append(Made(v.kind, v.file, d.params, d.nonzero_params, d.macs, export.onnx_size(path),
                              d.accuracy, d.parity, None, d.details, tuple(d.notes)))

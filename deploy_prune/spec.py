@@ -271,6 +271,7 @@ class RunSpec:
     out: Path = Path("deploy-prune-out")
     force: bool = False
     variants: tuple[str, ...] = ()  # optional variants asked for (e.g. "int8"); dense/unstructured/structured always
+    variant_options: Mapping[str, Any] = field(default_factory=dict)  # kind -> its Options instance
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -278,6 +279,18 @@ class RunSpec:
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         object.__setattr__(self, "variants", tuple(self.variants))
+        from deploy_prune import variants as registry
+
+        options = dict(self.variant_options)
+        for kind in self.variants:
+            registry.selected((kind,))  # unknown kinds are refused here
+            if kind not in options:
+                options[kind] = registry.make_options(kind, {})
+        stray = sorted(set(options) - set(self.variants))
+        if stray:
+            raise BadInput(f"options were given for the {stray[0]} variant, which this run does not make: add "
+                           f"{opt(stray[0])} or drop them")
+        object.__setattr__(self, "variant_options", MappingProxyType(options))
         if self.prune.needs_data and not self.data:
             from deploy_prune import criteria
 

@@ -38,6 +38,8 @@ class DeriveContext:
         provider: the execution provider of the run (``CPUExecutionProvider``...).
         seed: the run's seed.
         progress: whether long steps may show progress bars.
+        options: the variant's options (an instance of its ``Options``), or None if it has none.
+        threads: ONNX Runtime intra-op threads of the run (None: all cores).
     """
 
     source_path: Path
@@ -49,6 +51,8 @@ class DeriveContext:
     provider: str
     seed: int
     progress: bool = True
+    options: Any = None
+    threads: int | None = None
 
 
 @dataclass
@@ -75,8 +79,10 @@ class Variant:
         module: for a variant made from a module: ``(pair, dense) -> nn.Module``.
         derive: for a variant made from another variant's file: ``(DeriveContext) -> Derived``.
         source: the kind whose file ``derive`` starts from.
-        optional: made only when the run asks for it.
+        optional: made only when the run asks for it (the CLI gets a ``--KIND`` flag).
         color: its colour in the plots.
+        Options: a frozen dataclass of the variant's own options, declared with
+            :func:`deploy_prune.criteria.option` (the CLI builds their flags), or None.
     """
 
     kind: str
@@ -87,6 +93,7 @@ class Variant:
     source: str | None = None
     optional: bool = False
     color: str = "#2ca02c"
+    Options: type | None = None
 
     def __post_init__(self) -> None:
         if (self.module is None) == (self.derive is None):
@@ -138,6 +145,18 @@ def selected(requested: tuple[str, ...] = ()) -> list[Variant]:
             wanted.add(src)
             src = _VARIANTS[src].source
     return [v for v in _VARIANTS.values() if not v.optional or v.kind in wanted]
+
+
+def make_options(kind: str, values: dict[str, Any]) -> Any:
+    """Build variant ``kind``'s options from ``values`` (option name → value; missing ones default)."""
+    cls = _VARIANTS[kind].Options
+    if cls is None:
+        if values:
+            from deploy_prune.errors import BadInput
+
+            raise BadInput(f"variant {kind} takes no options (got {', '.join(sorted(values))})")
+        return None
+    return cls(**values)
 
 
 def color(kind: str) -> str:
