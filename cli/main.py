@@ -47,7 +47,16 @@ def _run_template(
     criterion: Annotated[str, typer.Option(help="Criterion: " + "; ".join(
         f"{n}: {criteria.get(n).summary}" for n in criteria.names()) + ".")] = "l1",
     ratio: Annotated[Optional[float], typer.Option(help="Fraction of prunable channels to remove, 0 <= R < 1 "
-                                                        "(lottery: fraction of weights). Default 0.5.")] = None,
+                                                        "(lottery: fraction of weights). Default 0.5 unless a "
+                                                        "target is given.")] = None,
+    target_speedup: Annotated[Optional[float], typer.Option(
+        help="Instead of --ratio: prune until the structured model's p50, measured on this run's provider, "
+             "threads and input shape in deploy-prune's interleaved ONNX Runtime benchmark, is X times faster "
+             "than dense (within X..1.1X). Channel widths are chosen latency-aware from measured one-layer "
+             "tables (cached), then corrected by measuring whole-model probes.")] = None,
+    target_latency: Annotated[Optional[float], typer.Option(
+        help="Instead of --ratio: the same, as an absolute structured p50 in milliseconds (within MS/1.1..MS).")]
+    = None,
     weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file "
                                                      "(torchvision:NAME or builtin:NAME); guessed if omitted.")] = None,
@@ -65,8 +74,9 @@ def _run_template(
                                                                        "(runs code from the file).")] = False,
     bench_iters: Annotated[int, typer.Option(help="Timed iterations per variant.")] = 100,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
-    round_to: Annotated[int, typer.Option(help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs "
-                                               "and tensor cores, 16 AVX-512).")] = 8,
+    round_to: Annotated[str, typer.Option(help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs "
+                                               "and tensor cores, 16 AVX-512), or auto: time one-layer models on "
+                                               "this provider and pick the step that pays.")] = "8",
     ignore: Annotated[Optional[list[str]], typer.Option(help="Layer (qualified name, or prefix ending in '.') "
                                                              "never to prune; repeatable.")] = None,
     max_layer_ratio: Annotated[float, typer.Option(help="Never remove more than this fraction of a layer.")] = 0.9,
@@ -134,7 +144,7 @@ def run(**kw: Any) -> None:
 
 def _run_spec(kw: dict[str, Any]) -> Any:
     """Turn the parsed options of `run` into a RunSpec (every check happens in the spec's constructors)."""
-    from deploy_prune.spec import BenchSpec, ModelSource, PruneSpec, RunSpec, TrainSpec
+    from deploy_prune.spec import BenchSpec, ModelSource, PruneSpec, RunSpec, Target, TrainSpec
 
     layer_ratios: dict[str, float] = {}
     if kw["from_sensitivity"] is not None:
@@ -148,9 +158,19 @@ def _run_spec(kw: dict[str, Any]) -> Any:
                            "result; regenerate it with deploy-prune sensitivity") from None
     given = {n: kw[n] for n in criteria.option_fields() if kw.get(n) is not None}
     options = criteria.make_options(kw["criterion"], given)
-    prune = PruneSpec(criterion=kw["criterion"], options=options, ratio=kw["ratio"], layer_ratios=layer_ratios,
-                      round_to=kw["round_to"], max_layer_ratio=kw["max_layer_ratio"], scope=kw["scope"],
-                      ignore=tuple(kw["ignore"] or ()), steps=kw["steps"], seed=kw["seed"])
+    targets = [(k, kw[f"target_{k}"]) for k in ("speedup", "latency") if kw[f"target_{k}"] is not None]
+    if len(targets) + (kw["ratio"] is not None) > 1:
+        raise BadInput("--ratio, --target-speedup and --target-latency exclude each other; give one of them")
+    target = Target("speedup" if targets[0][0] == "speedup" else "latency_ms", targets[0][1]) if targets else None
+    round_to: int | str = kw["round_to"].strip().lower()
+    if round_to != "auto":
+        try:
+            round_to = int(round_to)
+        except ValueError:
+            raise BadInput(f"--round-to {kw['round_to']!r} is not a number: give N >= 1 or auto") from None
+    prune = PruneSpec(criterion=kw["criterion"], options=options, ratio=kw["ratio"], target=target,
+                      layer_ratios=layer_ratios, round_to=round_to, max_layer_ratio=kw["max_layer_ratio"],
+                      scope=kw["scope"], ignore=tuple(kw["ignore"] or ()), steps=kw["steps"], seed=kw["seed"])
     return RunSpec(
         model=ModelSource(spec=kw["model"], weights=kw["weights"], arch=kw["arch"], trust_pickle=kw["trust_pickle"]),
         prune=prune,

@@ -206,7 +206,7 @@ def resolve_provider(requested: str) -> str:
 
 
 def make_session(
-    path: Path,
+    path: Path | bytes,
     provider: str = "cpu",
     threads: int | None = None,
     *,
@@ -220,7 +220,7 @@ def make_session(
     run per shape very slow), overridable through ``cuda_options`` (e.g. ``{"use_tf32": "0"}`` for parity).
 
     Args:
-        path: the ``.onnx`` file.
+        path: the ``.onnx`` file, or a serialized model in memory.
         provider: ``"auto"``, ``"cpu"``, ``"cuda"`` or a full provider name (see :func:`resolve_provider`).
         threads: intra-op threads; ``None`` means :func:`default_threads`.
         cuda_options: extra CUDA provider options, merged over the defaults.
@@ -232,9 +232,11 @@ def make_session(
         BadInput: the file does not exist, the provider name is unknown, or CUDA was asked for and cannot run.
         DeployPruneError: ONNX Runtime cannot load the model, or it did not place it on the requested provider.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such ONNX file")
+    if not isinstance(path, bytes):
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"{path}: no such ONNX file")
+    where = "in-memory model" if isinstance(path, bytes) else str(path)
     ep = resolve_provider(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -249,13 +251,13 @@ def make_session(
     else:
         providers = [CPU]
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DeployPruneError(f"{path}: ONNX Runtime cannot load it ({msg})") from exc
+        raise DeployPruneError(f"{where}: ONNX Runtime cannot load it ({msg})") from exc
     if session.get_providers()[0] != ep:
         placed = session.get_providers()[0]
-        raise DeployPruneError(f"{path}: asked for {ep} but ONNX Runtime placed the model on {placed}")
+        raise DeployPruneError(f"{where}: asked for {ep} but ONNX Runtime placed the model on {placed}")
     return session
 
 
@@ -288,7 +290,7 @@ def _fmt_shape(shape: Sequence[int | str | None]) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _make_runner(session: ort.InferenceSession, x: np.ndarray, provider: str) -> Callable[[], Any]:
+def make_runner(session: ort.InferenceSession, x: np.ndarray, provider: str) -> Callable[[], Any]:
     """A zero-argument callable that runs one inference of ``session`` on ``x``.
 
     On CUDA the input is copied to the device once and the outputs are bound to the device, so ``run``
@@ -385,7 +387,7 @@ def benchmark(
         if elem_type not in _NUMPY_TYPES:
             raise BadInput(f"{where}: input type {elem_type} is not supported by bench (float, float16, double)")
         _check_shape(model_shape, shape, where)
-        runners[name] = _make_runner(session, base.astype(_NUMPY_TYPES[elem_type]), ep)
+        runners[name] = make_runner(session, base.astype(_NUMPY_TYPES[elem_type]), ep)
 
     for name, run in runners.items():
         for _ in range(warmup):

@@ -25,6 +25,7 @@ from deploy_prune.loading import DEFAULT_INPUT_SHAPE, LoadedModel, load_model, s
 from deploy_prune.metrics import count_macs, count_nonzero, count_params
 from deploy_prune.prune import PrunedPair, prune_pair
 from deploy_prune.spec import RunSpec
+from deploy_prune.target import Measure
 from deploy_prune.train import Trainer
 
 
@@ -47,7 +48,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
     if known["dense"] is not None:
         say.note(f"dense accuracy: {known['dense']:.2f}%")
 
-    pair = prune_pair(dense, spec.prune, inputs.shape, trainer, say)
+    measure = Measure(provider, spec.bench.threads, iters=max(20, min(50, spec.bench.iters)), seed=spec.prune.seed,
+                      progress=spec.progress)
+    pair = prune_pair(dense, spec.prune, inputs.shape, trainer, say, measure)
     with staging(spec.out, spec.force) as stage:
         say("exporting to ONNX, cleaning with onnx-graphsurgeon, checking parity with ONNX Runtime")
         chosen = variants_mod.selected(spec.variants)

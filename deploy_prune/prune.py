@@ -21,9 +21,10 @@ from deploy_prune import criteria
 from deploy_prune.errors import BadInput, opt
 from deploy_prune.metrics import count_nonzero, count_params
 from deploy_prune.spec import PrunePlan, PruneSpec
-from deploy_prune.surgery import PlanConfig, analyze, prune_channels, select
+from deploy_prune.surgery import PlanConfig, analyze, choose, plan_from_roots, prune_channels, select
+from deploy_prune.target import Found, Measure, search, step_counts
 from deploy_prune.train import Trainer
-from deploy_prune.unstructured import make_permanent, mask_to_nonzero
+from deploy_prune.unstructured import make_permanent, mask_to_nonzero, weight_layers
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Pruned:
         accuracy_before_finetune: accuracy right after the first step's surgery (None without data).
         steps: one row per step (the report's ``schedule`` when there are several).
         criterion: what the criterion left for the report (artifacts, top-level entries, plots).
+        target: with a latency target, what the search decided and measured.
     """
 
     model: nn.Module
@@ -45,6 +47,7 @@ class Pruned:
     accuracy_before_finetune: float | None
     steps: list[dict[str, Any]]
     criterion: criteria.ScoreContext
+    target: Found | None = None
 
 
 @dataclass
@@ -59,16 +62,24 @@ class PrunedPair:
 
 
 def _plan_config(spec: PruneSpec, ratio: float) -> PlanConfig:
+    assert isinstance(spec.round_to, int), "round_to auto is resolved in prune_pair"
     return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=spec.max_layer_ratio,
                       layer_ratios=dict(spec.layer_ratios), scope=spec.scope)
 
 
 def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer, *,
-                     finetune: bool = True) -> Pruned:
-    """Prune ``model`` in place in ``spec.steps`` steps; each step removes ``1 - (1 - ratio)^(1/steps)`` of
-    what is left and, with ``finetune``, evaluates and finetunes."""
-    assert spec.ratio is not None, "a target is resolved to a ratio before pruning"
-    step_keep = (1 - spec.ratio) ** (1 / spec.steps)
+                     finetune: bool = True, measure: Measure | None = None,
+                     say: Callable[[str], None] = lambda _: None) -> Pruned:
+    """Prune ``model`` in place in ``spec.steps`` steps and, with ``finetune``, evaluate and finetune after each.
+
+    With a ratio, each step removes ``1 - (1 - ratio)^(1/steps)`` of what is left. With a latency target, the
+    first step's analysis is searched for the widths that meet it (:func:`deploy_prune.target.search`, measured
+    with ``measure``) and the steps approach those widths geometrically.
+    """
+    if spec.target is not None and measure is None:
+        raise ValueError("a latency target needs a Measure (provider, threads) to measure probes with")
+    step_keep = (1 - spec.ratio) ** (1 / spec.steps) if spec.ratio is not None else 1.0
+    found: Found | None = None
     plan: PrunePlan | None = None
     first: criteria.ScoreContext | None = None
     skipped: dict[str, str] = {}
@@ -79,7 +90,14 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         crit = criteria.create(spec.criterion, spec.options)
         ctx = criteria.ScoreContext(data=trainer.data, seed=spec.seed + step, progress=trainer.progress)
         crit.prepare(model, graph, ctx)
-        step_plan = select(graph, crit, _plan_config(spec, 1 - step_keep))
+        cfg = _plan_config(spec, 1 - step_keep)
+        if spec.target is not None:
+            assert measure is not None
+            if found is None:
+                found = search(model, graph, crit, cfg, spec.target, shape, measure, getattr(say, "note", say))
+            step_plan = plan_from_roots(graph, choose(graph, crit, step_counts(graph, found, step, spec.steps, cfg)))
+        else:
+            step_plan = select(graph, crit, cfg)
         widths_before = sum(graph.layer_widths().values())
         prune_channels(model, graph, step_plan)
         plan = step_plan if plan is None else plan.then(step_plan)
@@ -92,18 +110,25 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
                      "accuracy_finetuned": trainer.accuracy(model) if finetune and trainer.data else None,
                      "layers_changed": len(step_plan.kept), "widths_before": widths_before})
     assert plan is not None and first is not None
-    return Pruned(model, plan, skipped, acc_before, rows, first)
+    return Pruned(model, plan, skipped, acc_before, rows, first, found)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # pairings
 
 
+def _goal(spec: PruneSpec) -> str:
+    if spec.target is None:
+        return f"ratio {spec.ratio}"
+    return (f"a measured speedup of {spec.target.value:g}x" if spec.target.kind == "speedup" else
+            f"a measured latency of {spec.target.value:g} ms")
+
+
 def structured_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer,
-                     say: Callable[[str], None]) -> PrunedPair:
+                     say: Callable[[str], None], measure: Measure | None) -> PrunedPair:
     """Prune channels; then mask the dense model to the same non-zero count and give it the same finetuning."""
-    say(f"pruning with {spec.criterion} at ratio {spec.ratio} ({spec.steps} step(s))")
-    structured = prune_structured(copy.deepcopy(dense), spec, shape, trainer)
+    say(f"pruning with {spec.criterion} to {_goal(spec)} ({spec.steps} step(s))")
+    structured = prune_structured(copy.deepcopy(dense), spec, shape, trainer, measure=measure, say=say)
     target = count_nonzero(structured.model)
     say(f"unstructured: magnitude masks to {target:,} non-zero weights")
     unstructured = copy.deepcopy(dense)
@@ -111,13 +136,13 @@ def structured_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
     before = trainer.accuracy(unstructured)
     trainer.finetune(unstructured, "finetune unstructured")
     make_permanent(unstructured)
-    ratio = spec.ratio if not spec.layer_ratios else structured.plan.removed_fraction()
-    assert ratio is not None
+    ratio = spec.ratio if spec.ratio is not None and not spec.layer_ratios else structured.plan.removed_fraction()
     return PrunedPair(structured, unstructured, before, ratio)
 
 
-def _l1_twin(spec: PruneSpec, ratio: float) -> PruneSpec:
-    """The structured L1 prune that lottery compares its ticket with (same ``l1_mode``, one step)."""
+def _l1_twin(spec: PruneSpec, ratio: float | None) -> PruneSpec:
+    """The structured L1 prune that lottery compares its ticket with (same ``l1_mode``, one step; the run's
+    target when ``ratio`` is None)."""
     from deploy_prune.criteria.l1 import L1Options
 
     return spec.with_(criterion="l1", options=L1Options(l1_mode=spec.options.l1_mode), ratio=ratio, steps=1)
@@ -147,22 +172,35 @@ def _match_structured(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...],
 
 
 def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer,
-                 say: Callable[[str], None]) -> PrunedPair:
+                 say: Callable[[str], None], measure: Measure | None) -> PrunedPair:
     """Lottery: find the ticket, match a structured L1 prune to its size, trim the ticket to exactly that size
-    and give it the same finetuning as its structured twin."""
+    and give it the same finetuning as its structured twin.
+
+    With a latency target the order turns around: the structured L1 twin is searched for the target first, and
+    the ticket is then found at the weight sparsity of that twin.
+    """
     from deploy_prune.train.lottery import find_ticket
 
     o = spec.options
-    assert spec.ratio is not None
-    say(f"lottery: iterative magnitude pruning to {spec.ratio:.0%} sparsity in {o.lottery_rounds} rounds")
-    res = find_ticket(copy.deepcopy(dense), trainer.data, target_sparsity=spec.ratio, rounds=o.lottery_rounds,
+    twin: Pruned | None = None
+    sparsity = spec.ratio
+    if spec.target is not None:
+        say(f"structured: L1 to {_goal(spec)}")
+        twin = prune_structured(copy.deepcopy(dense), _l1_twin(spec, None), shape, trainer, measure=measure, say=say)
+        sparsity = _weight_sparsity(dense, twin.model)
+    assert sparsity is not None
+    say(f"lottery: iterative magnitude pruning to {sparsity:.0%} sparsity in {o.lottery_rounds} rounds")
+    res = find_ticket(copy.deepcopy(dense), trainer.data, target_sparsity=sparsity, rounds=o.lottery_rounds,
                       scope=o.lottery_scope, rewind_iter=o.rewind_iter, epochs_per_round=max(1, trainer.spec.epochs),
                       lr=trainer.spec.lr or 1.2e-3, optimizer="adam", seed=spec.seed, progress=trainer.progress,
                       reinit_control=o.reinit_control)
     ticket = res.model
     info: dict[str, Any] = {"history": res.history, "reinit_accuracy": res.reinit_accuracy}
-    say("structured: L1 matched to the ticket's non-zero count")
-    structured, matched = _match_structured(dense, spec, shape, count_nonzero(ticket), trainer)
+    if twin is None:
+        say("structured: L1 matched to the ticket's non-zero count")
+        structured, matched = _match_structured(dense, spec, shape, count_nonzero(ticket), trainer)
+    else:
+        structured, matched = twin, twin.plan.removed_fraction()
     # Channel counts move in steps, so the closest structured model sits a little below the ticket's budget;
     # the ticket's smallest surviving weights are trimmed to the same count (contract: within 1%). The
     # trimmed ticket then gets the same finetuning budget as its structured twin, masks live.
@@ -175,13 +213,45 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
     info["ticket_nonzero"] = ticket_nonzero
     info["trimmed_to_match"] = ticket_nonzero - count_nonzero(ticket)
     info["matched_structured_ratio"] = round(matched, 4)
-    return PrunedPair(structured, ticket, before, spec.ratio, {"lottery": info})
+    return PrunedPair(structured, ticket, before, sparsity, {"lottery": info})
+
+
+def _weight_sparsity(dense: nn.Module, pruned: nn.Module) -> float:
+    """The fraction of conv/linear weights ``pruned`` has lost against ``dense`` (lottery's sparsity unit)."""
+    total = sum(m.weight.numel() for m in weight_layers(dense).values())
+    kept = sum(m.weight.numel() for m in weight_layers(pruned).values())
+    return min(0.99, max(0.01, 1 - kept / total))
 
 
 PAIRINGS: dict[str, Callable[..., PrunedPair]] = {"structured_first": structured_first, "ticket_first": ticket_first}
 
 
 def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer,
-               say: Callable[[str], None] = lambda _: None) -> PrunedPair:
-    """Both pruned variants of ``dense`` (which is not modified), made the way the criterion's pairing says."""
-    return PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say)
+               say: Callable[[str], None] = lambda _: None, measure: Measure | None = None) -> PrunedPair:
+    """Both pruned variants of ``dense`` (which is not modified), made the way the criterion's pairing says.
+
+    ``measure`` (the run's provider and benchmark settings) is needed for a latency target and for
+    ``round_to="auto"``.
+    """
+    extra: dict[str, Any] = {}
+    if spec.round_to == "auto":
+        if measure is None:
+            raise ValueError("round_to auto needs a Measure (provider, threads) to measure with")
+        spec, extra["round_to_auto"] = resolve_round_to(dense, spec, shape, measure, say)
+    pair = PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say, measure)
+    pair.report.update(extra)
+    if pair.structured.target is not None:
+        pair.report["target"] = pair.structured.target.report()
+    pair.report["round_to"] = spec.round_to
+    return pair
+
+
+def resolve_round_to(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], measure: Measure,
+                     say: Callable[[str], None]) -> tuple[PruneSpec, dict[str, Any]]:
+    """``round_to="auto"``: the channel step the one-layer timings show pays on this provider."""
+    from deploy_prune import latency
+
+    say("choosing the channel step (round_to auto): timing one-layer models on this provider")
+    graph = analyze(dense, shape, ignore=spec.ignore)
+    step, info = latency.choose_step(latency.sites(graph, shape[0]), measure.timer())
+    return spec.with_(round_to=step), {"chosen": step, **info}

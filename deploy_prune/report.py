@@ -113,6 +113,8 @@ def build(*, spec: RunSpec, loaded: LoadedModel, shape: tuple[int, ...], pair: P
         report["notes"].append("per-layer ratios from --from-sensitivity replaced --ratio; `ratio` is the share "
                                "of all channels removed")
     report.update(pair.report)
+    if "target" in report:
+        report["target"] = _target_outcome(report["target"], report["variants"])
     if spec.prune.steps > 1:
         report["schedule"] = structured.steps
     report.update(structured.criterion.report)
@@ -120,6 +122,21 @@ def build(*, spec: RunSpec, loaded: LoadedModel, shape: tuple[int, ...], pair: P
         report["criterion_details"] = dict(structured.criterion.artifacts)
     report["verdict"] = verdict(report)
     return report
+
+
+def _target_outcome(target: dict[str, Any], variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """``achieved`` and ``met``, from the final interleaved benchmark (the search's probes came before it)."""
+    from deploy_prune.spec import TARGET_BAND as BAND
+
+    st = next(v for v in variants if v["kind"] == "structured")
+    if target["kind"] == "speedup":
+        achieved = float(st["speedup_vs_dense"])
+        met = target["value"] <= achieved <= BAND * target["value"]
+    else:
+        achieved = float(st["latency_ms"]["p50"])
+        met = target["value"] / BAND <= achieved <= target["value"]
+    return {"kind": target["kind"], "value": target["value"], "achieved": round(achieved, 4), "met": bool(met),
+            **{k: v for k, v in target.items() if k not in ("kind", "value")}}
 
 
 def _variant_row(m: Made, bench: BenchResult, dense_p50: float) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from deploy_prune.errors import BadInput, opt
 
 PLAN_FORMAT = "deploy-prune/plan/v2"
 DEFAULT_RATIO = 0.5
+TARGET_BAND = 1.1  # a speedup target X is met by a measured speedup in [X, 1.1 X]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -151,7 +152,8 @@ class PruneSpec:
         ratio: fraction of prunable channels to remove (lottery: of weights); excludes ``target``.
         target: a latency goal instead of a ratio.
         layer_ratios: per producer layer ratios (from a sensitivity sweep); replace ``ratio``.
-        round_to: kept channel counts are rounded to a multiple of this.
+        round_to: kept channel counts are rounded to a multiple of this; ``"auto"`` measures which step pays
+            on the run's provider (:func:`deploy_prune.latency.choose_step`).
         max_layer_ratio: never remove more than this fraction of one group.
         scope: ``"local"``, ``"global"`` or None (the criterion's own).
         ignore: layers (qualified names, or prefixes ending in '.') never to prune.
@@ -164,7 +166,7 @@ class PruneSpec:
     ratio: float | None = None
     target: Target | None = None
     layer_ratios: Mapping[str, float] = field(default_factory=dict)
-    round_to: int = 8
+    round_to: int | str = 8
     max_layer_ratio: float = 0.9
     scope: str | None = None
     ignore: tuple[str, ...] = ()
@@ -189,8 +191,9 @@ class PruneSpec:
                            "the channels)")
         object.__setattr__(self, "layer_ratios", MappingProxyType({str(k): float(v)
                                                                    for k, v in self.layer_ratios.items()}))
-        if self.round_to < 1:
-            raise BadInput(f"{opt('round_to')} must be >= 1")
+        if self.round_to != "auto" and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                        or self.round_to < 1):
+            raise BadInput(f"{opt('round_to')} {self.round_to!r} must be an integer >= 1 or auto")
         if not 0 < self.max_layer_ratio < 1:
             raise BadInput(f"{opt('max_layer_ratio')} must be between 0 and 1 (exclusive)")
         if self.scope not in (None, "local", "global"):
@@ -198,6 +201,8 @@ class PruneSpec:
                            "threshold)")
         if self.steps < 1:
             raise BadInput(f"{opt('steps')} must be >= 1")
+        if self.target is not None and self.layer_ratios:
+            raise BadInput("per-layer ratios from a sensitivity sweep and a latency target exclude each other")
         object.__setattr__(self, "ignore", tuple(self.ignore))
 
     @property

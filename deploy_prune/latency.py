@@ -1,0 +1,503 @@
+"""A measured latency model: what each channel group's width costs on the run's own provider, threads and shape.
+
+The model is a lookup table per layer, measured with ONNX Runtime itself (not FLOPs):
+
+* Every conv and linear call of the dense model is a :class:`Site`: its op, attributes and input shape (batch
+  included), and how its input and output widths depend on the channel groups the planner chooses from (a
+  residual stage's convs read and write the same group; a conv after a concat reads several).
+* For each site, a one-node ONNX graph (Conv + Relu, or Gemm/MatMul) is timed on ORT at a small grid of
+  input x output widths, multiples of the channel step, with the benchmark's session options. The run-to-run
+  overhead of ``session.run`` itself (timed on a one-node model) is subtracted. Between grid points the table is
+  interpolated bilinearly (a conv's time is close to bilinear in its input and output widths).
+* A model's predicted latency is the sum over its sites. What the tables do not see (element-wise ops, pooling,
+  layout reorders, fusions) is left to the caller, which calibrates predictions against whole-model
+  measurements (:mod:`deploy_prune.target`).
+
+Tables are cached on disk, one JSON file per environment (provider, threads, ONNX Runtime version, CPU, table
+version), keyed inside by each site's configuration and width, so a second run, or another model with the same
+layer shapes, reuses them. The cache lives in ``$DEPLOY_PRUNE_CACHE`` or ``$XDG_CACHE_HOME/deploy-prune`` (else
+``~/.cache/deploy-prune``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+import torch.nn as nn
+
+from deploy_prune.surgery.graph import DependencyGraph
+from deploy_prune.surgery.ops import CONV
+
+TABLE_VERSION = 1
+_GRID_FRACTIONS = (0.25, 0.5, 1.0)
+_REPEATS = 15
+_WARMUP = 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sites: the conv/linear calls of a model and how their widths follow the groups
+
+
+@dataclass(frozen=True)
+class Site:
+    """One conv/linear call of the dense model, and how its widths depend on the channel groups.
+
+    Attributes:
+        name: the module's qualified name.
+        op: ``"conv"`` or ``"linear"``.
+        in_shape: the dense input shape of the call (batch included).
+        out_channels: the dense output width.
+        kernel, stride, padding, dilation: conv attributes (empty for linear).
+        groups: the conv's group count (``depthwise`` convs have one channel per group).
+        depthwise: input and output widths are the same channels (they shrink together).
+        bias: whether the layer has a bias.
+        in_fixed, in_counts: input width = ``in_fixed + sum(count * kept fraction of group g)``.
+        out_fixed, out_counts: likewise for the output width.
+        calls: how many times the forward calls the module.
+    """
+
+    name: str
+    op: str
+    in_shape: tuple[int, ...]
+    out_channels: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    depthwise: bool = False
+    bias: bool = True
+    in_fixed: int = 0
+    in_counts: tuple[tuple[int, int], ...] = ()
+    out_fixed: int = 0
+    out_counts: tuple[tuple[int, int], ...] = ()
+    calls: int = 1
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_shape[1] if self.op == "conv" else self.in_shape[-1]
+
+    def config(self) -> str:
+        """What the measured time depends on, besides the widths (the cache key)."""
+        return (f"{self.op}|in={'x'.join(map(str, self.in_shape))}|out={self.out_channels}|k={self.kernel}"
+                f"|s={self.stride}|p={self.padding}|d={self.dilation}|g={self.groups}|dw={int(self.depthwise)}"
+                f"|b={int(self.bias)}")
+
+    def groups_touched(self) -> set[int]:
+        return {g for g, _ in self.in_counts} | {g for g, _ in self.out_counts}
+
+    def widths(self, frac: Mapping[int, float]) -> tuple[float, float]:
+        """(input width, output width) when group ``g`` keeps the fraction ``frac[g]`` (1 when absent)."""
+        cin = self.in_fixed + sum(c * frac.get(g, 1.0) for g, c in self.in_counts)
+        cout = self.out_fixed + sum(c * frac.get(g, 1.0) for g, c in self.out_counts)
+        if self.depthwise:
+            cout = cin
+        return cin, cout
+
+    def macs(self) -> int:
+        """Multiply-accumulates of the dense call (as :func:`deploy_prune.metrics.count_macs` counts them)."""
+        if self.op == "linear":
+            return math.prod(self.in_shape[:-1]) * self.in_channels * self.out_channels * self.calls
+        spatial = [(i + 2 * p - d * (k - 1) - 1) // s + 1 for i, p, d, k, s in
+                   zip(self.in_shape[2:], self.padding, self.dilation, self.kernel, self.stride)]
+        per_out = (self.in_channels // self.groups) * math.prod(self.kernel)
+        return self.in_shape[0] * math.prod(spatial) * self.out_channels * per_out * self.calls
+
+    def align(self) -> int:
+        """Widths must stay multiples of this (a grouped conv keeps its group count)."""
+        return self.groups if (self.op == "conv" and self.groups > 1 and not self.depthwise) else 1
+
+
+def _input_shape(node: fx.Node) -> tuple[int, ...] | None:
+    arg = node.args[0] if node.args else None
+    meta = getattr(arg, "meta", {}).get("tensor_meta") if isinstance(arg, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else None
+
+
+def _counts(roots: Iterable[int], group_of: Mapping[int, int]) -> tuple[int, tuple[tuple[int, int], ...]]:
+    fixed, per = 0, {}
+    for r in roots:
+        g = group_of.get(r)
+        if g is None:
+            fixed += 1
+        else:
+            per[g] = per.get(g, 0) + 1
+    return fixed, tuple(sorted(per.items()))
+
+
+def sites(graph: DependencyGraph, batch: int) -> list[Site]:
+    """The conv/linear calls of the analysed model at ``batch``, with their dependence on the groups."""
+    group_of = {ch.root: g.id for g in graph.groups for ch in g.channels}
+    reads: dict[str, list[int]] = {}
+    for c in graph.consumers:
+        if c.role in ("in", "grouped", "dw") and c.name not in reads:
+            reads[c.name] = graph.el.roots(c.labels).tolist()
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_module":
+            m = graph.model.get_submodule(str(node.target))
+            if isinstance(m, CONV + (nn.Linear,)):
+                calls.setdefault(str(node.target), []).append(node)
+    out: list[Site] = []
+    for name, nodes in calls.items():
+        m = graph.model.get_submodule(name)
+        shape = _input_shape(nodes[0])
+        if shape is None:
+            continue
+        shape = (batch, *shape[1:])
+        in_roots = reads.get(name)
+        in_fixed, in_counts = (_counts(in_roots, group_of) if in_roots is not None else
+                               (shape[1] if isinstance(m, CONV) else shape[-1], ()))
+        if name in graph.producer_ids:
+            out_fixed, out_counts = _counts(graph.el.roots(graph.producer_ids[name]).tolist(), group_of)
+        else:  # a depthwise conv writes what it reads
+            out_fixed, out_counts = in_fixed, in_counts
+        common = {"name": name, "in_shape": shape, "bias": getattr(m, "bias", None) is not None,
+                  "in_fixed": in_fixed, "in_counts": in_counts, "out_fixed": out_fixed, "out_counts": out_counts,
+                  "calls": len(nodes)}
+        if isinstance(m, CONV):
+            pad = m.padding if not isinstance(m.padding, str) else tuple(
+                (d * (k - 1)) // 2 if m.padding == "same" else 0 for k, d in zip(m.kernel_size, m.dilation))
+            dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
+            out.append(Site(op="conv", out_channels=m.out_channels, kernel=tuple(m.kernel_size),
+                            stride=tuple(m.stride), padding=tuple(pad), dilation=tuple(m.dilation), groups=m.groups,
+                            depthwise=dw, **common))
+        else:
+            out.append(Site(op="linear", out_channels=m.out_features, **common))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one-node models
+
+
+def layer_model(site: Site, cin: int, cout: int) -> bytes:
+    """A one-node ONNX model of ``site`` at input width ``cin`` and output width ``cout``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shape = list(site.in_shape)
+    inits = []
+    if site.op == "conv":
+        groups = cin if site.depthwise else site.groups
+        if site.depthwise:
+            cout = cin
+        shape[1] = cin
+        w = rng.standard_normal((cout, cin // groups, *site.kernel), dtype=np.float32) * 0.05
+        inits.append(numpy_helper.from_array(w, "w"))
+        ins = ["x", "w"]
+        if site.bias:
+            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
+            ins.append("b")
+        nodes = [helper.make_node("Conv", ins, ["c"], kernel_shape=list(site.kernel), strides=list(site.stride),
+                                  pads=list(site.padding) * 2, dilations=list(site.dilation), group=groups),
+                 helper.make_node("Relu", ["c"], ["y"])]
+        out_shape = None
+    else:
+        shape[-1] = cin
+        w = rng.standard_normal((cin, cout), dtype=np.float32) * 0.05
+        inits.append(numpy_helper.from_array(w, "w"))
+        if len(shape) == 2:
+            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
+            nodes = [helper.make_node("Gemm", ["x", "w", "b"] if site.bias else ["x", "w"], ["y"])]
+        else:
+            nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+        out_shape = None
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
+    graph = helper.make_graph(nodes, "site", [x], [y], initializer=inits)
+    # IR 10: onnx 1.23 stamps IR 14, which ONNX Runtime 1.31 rejects (docs/onnx-runtime.md §1)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return model.SerializeToString()
+
+
+@dataclass
+class Timer:
+    """Times one-node models on ONNX Runtime with the benchmark's session options."""
+
+    provider: str
+    threads: int | None = None
+    repeats: int = _REPEATS
+    _overhead: float | None = None
+
+    def raw(self, model: bytes, shape: tuple[int, ...]) -> float:
+        """A low percentile (25th) of ``repeats`` timed runs in ms: robust to other work on the machine."""
+        from deploy_prune.bench import make_runner, make_session
+
+        session = make_session(model, self.provider, self.threads)
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        run = make_runner(session, x, self.provider)
+        for _ in range(_WARMUP):
+            run()
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter_ns()
+            run()
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+        return float(np.percentile(times, 25))
+
+    def overhead(self) -> float:
+        """The time of ``session.run`` on a trivial model: what every one-node timing pays on top of its op."""
+        if self._overhead is None:
+            site = Site("overhead", "linear", (1, 1), 1, bias=False)
+            self._overhead = self.raw(layer_model(site, 1, 1), (1, 1))
+        return self._overhead
+
+    def site(self, site: Site, cin: int, cout: int) -> float:
+        shape = list(site.in_shape)
+        if site.op == "conv":
+            shape[1] = cin
+        else:
+            shape[-1] = cin
+        return max(0.0, self.raw(layer_model(site, cin, cout), tuple(shape)) - self.overhead())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tables and the cache
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DEPLOY_PRUNE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deploy-prune"
+
+
+def environment_key(provider: str, threads: int) -> dict[str, Any]:
+    """What every measured table depends on besides the layer itself."""
+    import onnxruntime
+
+    from deploy_prune.bench import cpu_name
+
+    return {"provider": provider, "threads": threads, "onnxruntime": onnxruntime.__version__, "cpu": cpu_name(),
+            "table_version": TABLE_VERSION}
+
+
+class TableCache:
+    """Measured one-layer timings on disk: ``{site config: {"cin,cout": ms}}`` per environment file."""
+
+    def __init__(self, env: Mapping[str, Any], directory: Path | None = None) -> None:
+        self.env = dict(env)
+        digest = hashlib.sha256(json.dumps(self.env, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = (directory or cache_dir()) / f"latency-{digest}.json"
+        self.tables: dict[str, dict[str, float]] = {}
+        self.hits = self.misses = 0
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("env") == self.env:
+                self.tables = {k: dict(v) for k, v in data.get("tables", {}).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def get(self, config: str, cin: int, cout: int) -> float | None:
+        v = self.tables.get(config, {}).get(f"{cin},{cout}")
+        if v is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return v
+
+    def put(self, config: str, cin: int, cout: int, ms: float) -> None:
+        self.tables.setdefault(config, {})[f"{cin},{cout}"] = ms
+
+    def save(self) -> None:
+        """Merge with what another run may have written meanwhile, then replace the file atomically."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {}
+            try:
+                old = json.loads(self.path.read_text())
+                if old.get("env") == self.env:
+                    merged = {k: dict(v) for k, v in old.get("tables", {}).items()}
+            except (OSError, ValueError, AttributeError):
+                pass
+            for k, v in self.tables.items():
+                merged.setdefault(k, {}).update(v)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"env": self.env, "tables": merged}, f)
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only home is no reason to fail a run: the tables are just not kept
+            pass
+
+
+def _round_width(w: float, step: int, align: int, full: int) -> int:
+    unit = math.lcm(max(1, step), max(1, align))
+    v = int(round(w / unit)) * unit
+    return min(full, max(unit if full >= unit else full, v))
+
+
+@dataclass
+class Table:
+    """Measured ms at a grid of (input width, output width), interpolated bilinearly."""
+
+    cins: list[int]
+    couts: list[int]
+    ms: np.ndarray  # [len(cins), len(couts)]
+
+    def __call__(self, cin: float, cout: float) -> float:
+        return float(_interp2(self.cins, self.couts, self.ms, cin, cout))
+
+
+def _interp1(xs: list[int], x: float) -> tuple[int, int, float]:
+    """Indices (i, j) and weight t of x between xs[i] and xs[j] (linear extrapolation at both ends)."""
+    if len(xs) == 1:
+        return 0, 0, 0.0
+    k = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    i, j = k - 1, k
+    return i, j, (x - xs[i]) / (xs[j] - xs[i])
+
+
+def _interp2(xs: list[int], ys: list[int], z: np.ndarray, x: float, y: float) -> float:
+    i, j, t = _interp1(xs, x)
+    k, m, u = _interp1(ys, y)
+    top = z[i, k] * (1 - u) + z[i, m] * u
+    bottom = z[j, k] * (1 - u) + z[j, m] * u
+    return max(0.0, float(top * (1 - t) + bottom * t))
+
+
+@dataclass
+class LatencyModel:
+    """Predicted latency (ms) of the model as a function of each group's kept fraction."""
+
+    sites: list[Site]
+    tables: dict[str, Table]
+    step: int
+    measured: int = 0  # one-layer timings measured for this model (the rest came from the cache)
+    reused: int = 0
+    by_group: dict[int, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, s in enumerate(self.sites):
+            for g in s.groups_touched():
+                self.by_group.setdefault(g, []).append(i)
+
+    def site_ms(self, i: int, frac: Mapping[int, float]) -> float:
+        s = self.sites[i]
+        cin, cout = s.widths(frac)
+        return self.tables[s.name](cin, cout) * s.calls
+
+    def predict(self, frac: Mapping[int, float]) -> float:
+        return sum(self.site_ms(i, frac) for i in range(len(self.sites)))
+
+    def delta(self, frac: Mapping[int, float], group: int, new: float) -> float:
+        """Predicted ms saved when ``group`` goes from its fraction in ``frac`` to ``new``."""
+        changed = {**frac, group: new}
+        return sum(self.site_ms(i, frac) - self.site_ms(i, changed) for i in self.by_group.get(group, ()))
+
+
+def _grid(site: Site, step: int) -> tuple[list[int], list[int]]:
+    full_in, full_out = site.widths({})
+    cins, couts = set(), set()
+    for f in _GRID_FRACTIONS:
+        frac = {g: f for g in site.groups_touched()}
+        cin, cout = site.widths(frac)
+        cins.add(_round_width(cin, step, site.align(), int(full_in)))
+        couts.add(_round_width(cout, step, site.align(), int(full_out)))
+    if site.depthwise:
+        couts = set(cins)
+    return sorted(cins), sorted(couts)
+
+
+def build(graph: DependencyGraph, batch: int, timer: Timer, cache: TableCache, step: int,
+          progress: Callable[[int, int], None] | None = None) -> LatencyModel:
+    """Measure (or read from the cache) every site's table; returns the latency model."""
+    all_sites = sites(graph, batch)
+    todo = []
+    grids = {}
+    for s in all_sites:
+        cins, couts = _grid(s, step)
+        grids[s.name] = (cins, couts)
+        pairs = [(c, c) for c in cins] if s.depthwise else [(a, b) for a in cins for b in couts]
+        todo += [(s, a, b) for a, b in pairs]
+    measured = reused = 0
+    values: dict[tuple[str, int, int], float] = {}
+    for n, (s, a, b) in enumerate(todo):
+        v = cache.get(s.config(), a, b)
+        if v is None:
+            v = timer.site(s, a, b)
+            cache.put(s.config(), a, b, v)
+            measured += 1
+        else:
+            reused += 1
+        values[(s.name, a, b)] = v
+        if progress is not None:
+            progress(n + 1, len(todo))
+    cache.save()
+    tables = {}
+    for s in all_sites:
+        cins, couts = grids[s.name]
+        if s.depthwise:
+            z = np.array([[values[(s.name, a, a)] for _ in [0]] for a in cins])
+            tables[s.name] = _DepthwiseTable(cins, [cins[-1]], z)
+        else:
+            z = np.array([[values[(s.name, a, b)] for b in couts] for a in cins])
+            tables[s.name] = Table(cins, couts, z)
+    return LatencyModel(all_sites, tables, step, measured, reused)
+
+
+class _DepthwiseTable(Table):
+    """A depthwise conv's time depends on one width."""
+
+    def __call__(self, cin: float, cout: float) -> float:
+        i, j, t = _interp1(self.cins, cin)
+        return max(0.0, float(self.ms[i, 0] * (1 - t) + self.ms[j, 0] * t))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --round-to auto
+
+
+AUTO_STEPS = (8, 16, 32)
+_AUTO_BASE = 64
+
+
+def choose_step(latency_sites: list[Site], timer: Timer, *, top: int = 3, tolerance: float = 0.04
+                ) -> tuple[int, dict[str, Any]]:
+    """The channel step that pays on this provider: the smallest step whose extra widths really save time.
+
+    On the ``top`` most expensive plain convs with at least 128 outputs (by their dense one-layer time), the
+    output width is set to ``64 + s`` and ``64 + 2s`` for each candidate step ``s`` in 8, 16, 32: if stopping
+    at the finer width is not at least ``tolerance`` faster than the coarser one, the kernel pads the finer
+    width to the coarser block, so the finer step buys nothing but lost channels, and the next step is tried.
+    A small base width makes one block a large share of the work, so the test stands out of timing noise. The
+    steps the layers vote for are reduced to their median.
+    """
+    convs = [s for s in latency_sites if s.op == "conv" and not s.depthwise and s.groups == 1
+             and s.out_channels >= 2 * _AUTO_BASE]
+    if not convs:
+        return 8, {"reason": "no plain conv with 128 or more outputs to measure; kept the default step 8"}
+    slow = sorted(convs, key=lambda s: -timer.site(s, s.in_channels, s.out_channels))[:top]
+    votes: list[int] = []
+    rows = []
+    for s in slow:
+        chosen = AUTO_STEPS[-1]
+        row: dict[str, Any] = {"layer": s.name, "ms": {}}
+        for step in AUTO_STEPS:
+            fine = timer.site(s, s.in_channels, _AUTO_BASE + step)
+            coarse = timer.site(s, s.in_channels, _AUTO_BASE + 2 * step)
+            row["ms"][str(_AUTO_BASE + step)] = round(fine, 4)
+            row["ms"][str(_AUTO_BASE + 2 * step)] = round(coarse, 4)
+            if fine < coarse * (1 - tolerance):
+                chosen = step
+                break
+        row["step"] = chosen
+        votes.append(chosen)
+        rows.append(row)
+    step = sorted(votes)[len(votes) // 2]
+    return step, {"layers": rows, "tolerance": tolerance, "base": _AUTO_BASE}

@@ -1,0 +1,411 @@
+"""Latency targets: keep the most importance for the least latency, then measure and correct until it is met.
+
+``--target-speedup X`` (or ``--target-latency MS``) replaces ``--ratio``. Three parts:
+
+1. **A measured latency model** (:mod:`deploy_prune.latency`): per-layer ONNX Runtime timings at a grid of
+   widths, on the run's provider, threads and input shape, cached on disk.
+2. **Latency-aware allocation** (:func:`trajectory`), in the spirit of HALP (Shen et al. 2022, "Structural
+   Pruning via Latency-Saliency Knapsack") and NetAdapt (Yang et al. 2018): starting from the dense widths, it
+   repeatedly takes one channel step from the group whose removal loses the least importance per millisecond
+   saved, as the latency model predicts it. A channel's importance is the criterion's score made comparable
+   across groups (:func:`~deploy_prune.surgery.plan.comparable_scores`: a per-layer score divided by its group's
+   mean), times the compute the channel carries: the multiply-accumulates of every conv/linear call that reads
+   or writes it, per channel of its group. Without that factor every channel weighs the same, and the cheapest
+   channels to give up are those of the high-resolution layers, which the greedy then strips to the planner's
+   limit (ResNet-18 at 2x: the whole first stage down to 8 channels, 36% of the MACs left); with it, the
+   allocation gives up compute where ONNX Runtime's time per MAC is highest, so at equal measured speed it
+   keeps more of the network (docs/latency-target.md compares it with uniform pruning). Every step is
+   recorded: the trajectory goes from dense to the planner's limits (``max_layer_ratio``, never below one
+   step) with falling predicted latency.
+3. **Measured correction** (:func:`search`): per-layer tables over-promise (HALP's own released numbers land
+   10-25% short of its lookup-table prediction) and miss what they do not time (element-wise ops, layout
+   reorders, fusions). So a point of the trajectory is built, exported and timed against the dense model in
+   deploy-prune's own interleaved benchmark, a linear map from predicted to measured latency is refitted after
+   every probe, and the next probe is chosen with it inside the bracket of what was already measured (a
+   bisection on one global knob: the position along the trajectory) until the measured speedup is in
+   ``[X, 1.1 X]``. A target beyond the trajectory's end is refused with the best speedup it reached.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from deploy_prune import latency
+from deploy_prune.errors import TargetUnreachable, opt
+from deploy_prune.spec import TARGET_BAND, PrunePlan, Target
+from deploy_prune.surgery import DependencyGraph, Group, PlanConfig, choose, comparable_scores, plan_from_roots
+from deploy_prune.surgery.apply import prune_channels
+
+BAND = TARGET_BAND  # the measured speedup must land in [X, BAND * X]
+AIM = 1.05  # probes aim at the middle of the band
+MAX_PROBES = 8
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Where and how the target is measured: the run's provider, threads and benchmark settings."""
+
+    provider: str
+    threads: int | None = None
+    iters: int = 40
+    seed: int = 0
+    progress: bool = True
+    cache_dir: Path | None = None
+
+    def timer(self) -> latency.Timer:
+        return latency.Timer(self.provider, self.threads)
+
+    def cache(self) -> latency.TableCache:
+        from deploy_prune.bench import default_threads
+
+        threads = self.threads if self.threads is not None else default_threads()
+        return latency.TableCache(latency.environment_key(self.provider, threads), self.cache_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# allocation
+
+
+def allowed_counts(group: Group, cfg: PlanConfig, never: int = 0) -> list[int]:
+    """The kept class counts the planner allows for ``group``, ascending (the same limits as
+    :func:`~deploy_prune.surgery.plan.kept_count`: multiples of the step, at least ``1 - max_layer_ratio`` of the
+    group, never empty, and never fewer than the ``never`` classes whose score is infinite)."""
+    from deploy_prune.surgery.plan import kept_count
+
+    n = group.size
+    low = kept_count(n, cfg.max_layer_ratio, cfg, group.multiple_of, group.channels_per_class, group.grouped)
+    if low >= n:
+        return [n]
+    step = kept_count(n, 1.0 - 1e-9, PlanConfig(ratio=1.0, round_to=cfg.round_to, max_layer_ratio=1.0 - 1e-9),
+                      group.multiple_of, group.channels_per_class, group.grouped)
+    step = max(1, step)
+    values = [v for v in range(step, n, step) if v >= low and v >= never]
+    return sorted(set(values) | {n})
+
+
+@dataclass
+class State:
+    """A point of the trajectory: kept classes per group id, and its predicted latency (ms, uncalibrated)."""
+
+    counts: dict[int, int]
+    predicted_ms: float
+
+
+def class_weights(graph: DependencyGraph, model: latency.LatencyModel) -> dict[int, float]:
+    """Per group: the multiply-accumulates one of its channel classes carries (dense), summed over every site
+    that reads or writes the group, each site's MACs shared out by the group's part of its width."""
+    out = {g.id: 0.0 for g in graph.groups}
+    for s in model.sites:
+        cin, cout = s.widths({})
+        macs = s.macs()
+        sides = [s.in_counts] if s.depthwise else [s.in_counts, s.out_counts]
+        totals = [cin] if s.depthwise else [cin, cout]
+        for counts, total in zip(sides, totals):
+            for g, c in counts:
+                out[g] += macs * c / max(total, 1)
+    return {g.id: out[g.id] / max(g.size, 1) for g in graph.groups}
+
+
+def trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], model: latency.LatencyModel,
+               cfg: PlanConfig) -> list[State]:
+    """Greedy latency-aware allocation from dense to the planner's limits (see the module docstring)."""
+    groups = {g.id: g for g in graph.groups}
+    order: dict[int, list[float]] = {}  # scores of each group, highest first (kept first)
+    allowed: dict[int, list[int]] = {}
+    for g in graph.groups:
+        s = scores[g.id].double()
+        finite = sorted((float(v) for v in s if math.isfinite(float(v))), reverse=True)
+        never = g.size - len(finite)
+        order[g.id] = [math.inf] * never + finite
+        allowed[g.id] = allowed_counts(g, cfg, never)
+    weight = class_weights(graph, model)
+    counts = {g.id: g.size for g in graph.groups}
+    frac = {g.id: 1.0 for g in graph.groups}
+    predicted = model.predict(frac)
+    states = [State(dict(counts), predicted)]
+    while True:
+        best: tuple[float, int, int, float] | None = None
+        for gid, vals in allowed.items():
+            k = counts[gid]
+            i = vals.index(k)
+            if i == 0:
+                continue
+            new = vals[i - 1]
+            saved = model.delta(frac, gid, new / groups[gid].size)
+            if saved <= 1e-9:
+                continue
+            lost = weight[gid] * sum(order[gid][new:k])
+            ratio = lost / saved
+            if best is None or ratio < best[0]:
+                best = (ratio, gid, new, saved)
+        if best is None:
+            break
+        _, gid, new, saved = best
+        counts[gid] = new
+        frac[gid] = new / groups[gid].size
+        predicted -= saved
+        states.append(State(dict(counts), predicted))
+    return states
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the measured search
+
+
+@dataclass
+class Probe:
+    index: int  # position on the trajectory
+    macs: int
+    predicted: float  # in the target's unit (speedup, or ms), calibrated on the probes measured before it
+    measured: float  # likewise, measured
+    dense_ms: float
+    probe_ms: float
+    predicted_speedup_raw: float  # the latency tables' own prediction, uncalibrated
+
+    def to_json(self) -> dict[str, Any]:
+        return {"macs": self.macs, "predicted": round(self.predicted, 4), "measured": round(self.measured, 4),
+                "trajectory_index": self.index, "dense_ms": round(self.dense_ms, 4),
+                "structured_ms": round(self.probe_ms, 4),
+                "table_speedup_uncalibrated": round(self.predicted_speedup_raw, 4)}
+
+
+@dataclass
+class Found:
+    """What the search decided and how it got there (the report's ``target``, without ``achieved``)."""
+
+    counts: dict[str, int]  # kept classes per group, keyed by the group's first producer layer
+    sizes: dict[str, int]  # the groups' class counts when the search ran
+    plan: PrunePlan
+    target: Target
+    probes: list[Probe]
+    chosen: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {"kind": self.target.kind, "value": self.target.value,
+                "probes": [p.to_json() for p in self.probes], "chosen_probe": self.chosen, **self.info}
+
+
+class Prober:
+    """How the search learns latencies: the measured tables, and whole-model timings against dense.
+
+    The default measures with ONNX Runtime (:class:`OrtProber`); tests inject a deterministic one.
+    """
+
+    def tables(self, graph: DependencyGraph, batch: int, step: int) -> latency.LatencyModel:
+        raise NotImplementedError
+
+    def time(self, pruned: nn.Module) -> tuple[float, float]:
+        """(dense p50 ms, pruned p50 ms), measured side by side."""
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+
+class OrtProber(Prober):
+    """Exports each probe and times it against the dense model in deploy-prune's interleaved benchmark."""
+
+    def __init__(self, dense: nn.Module, shape: tuple[int, ...], measure: Measure, workdir: Path) -> None:
+        from deploy_prune.export import export_onnx
+
+        self.shape, self.measure, self.workdir = shape, measure, workdir
+        self.example = torch.randn(*shape, generator=torch.Generator().manual_seed(measure.seed))
+        self.dense_path = workdir / "dense.onnx"
+        export_onnx(dense, self.dense_path, self.example)
+        self.cache = measure.cache()
+        self.n = 0
+
+    def tables(self, graph: DependencyGraph, batch: int, step: int) -> latency.LatencyModel:
+        return latency.build(graph, batch, self.measure.timer(), self.cache, step)
+
+    def time(self, pruned: nn.Module) -> tuple[float, float]:
+        from deploy_prune import bench
+        from deploy_prune.export import export_onnx
+
+        self.n += 1
+        path = self.workdir / f"probe{self.n}.onnx"
+        export_onnx(pruned, path, self.example)
+        res = bench.benchmark({"dense": self.dense_path, "probe": path}, self.shape, provider=self.measure.provider,
+                              threads=self.measure.threads, iters=self.measure.iters, seed=self.measure.seed,
+                              progress=False)
+        path.unlink()
+        return res.stats["dense"].p50, res.stats["probe"].p50
+
+    def info(self) -> dict[str, Any]:
+        return {"cache": str(self.cache.path)}
+
+
+class Calibration:
+    """Measured speedup as a function of the tables' predicted speedup, piecewise linear through the probes.
+
+    Speedups are ratios measured side by side, so the map is unaffected by the machine getting faster or slower
+    between probes; beyond the outermost probes it extrapolates proportionally.
+    """
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, float]] = [(1.0, 1.0)]  # dense: predicted 1x, measured 1x
+
+    def add(self, predicted: float, measured: float) -> None:
+        self.points = sorted([p for p in self.points if abs(p[0] - predicted) > 1e-9] + [(predicted, measured)])
+
+    def __call__(self, predicted: float) -> float:
+        pts = self.points
+        if len(pts) == 1 or predicted <= pts[0][0]:
+            return predicted * pts[0][1] / pts[0][0]
+        if predicted >= pts[-1][0]:
+            return predicted * pts[-1][1] / pts[-1][0]
+        k = next(j for j in range(1, len(pts)) if pts[j][0] >= predicted)
+        (x0, y0), (x1, y1) = pts[k - 1], pts[k]
+        return y0 + (y1 - y0) * (predicted - x0) / (x1 - x0)
+
+    def inverse(self, measured: float, candidates: list[float]) -> int:
+        """The first candidate (ascending predicted speedups) whose calibrated speedup reaches ``measured``."""
+        return next((i for i, c in enumerate(candidates) if self(c) >= measured), len(candidates) - 1)
+
+
+def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig, target: Target,
+           shape: tuple[int, ...], measure: Measure | None = None, say: Callable[[str], None] = lambda _: None,
+           prober: Prober | None = None) -> Found:
+    """Find per-group widths whose measured speedup (or latency) meets ``target``.
+
+    ``model`` (already prepared by the criterion) and ``graph`` (its analysis) are not modified. Latencies come
+    from ``prober`` (default: ONNX Runtime on ``measure``'s provider and threads).
+
+    Raises:
+        TargetUnreachable: even the trajectory's end (every group at the planner's limits) is too slow.
+    """
+    from deploy_prune.metrics import count_macs
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="deploy-prune-probe-") as tmp:
+        if prober is None:
+            assert measure is not None, "search() needs a Measure or a Prober"
+            say("exporting the dense model for the search's probes")
+            prober = OrtProber(model, shape, measure, Path(tmp))
+        say("latency tables: one-layer ONNX Runtime timings at a grid of widths (cached)")
+        lat = prober.tables(graph, shape[0], cfg.round_to)
+        states = trajectory(graph, comparable_scores(graph, criterion), lat, cfg)
+        dense_pred = states[0].predicted_ms
+        speed = [dense_pred / s.predicted_ms for s in states]  # the tables' predicted speedup, ascending
+        cal = Calibration()
+        probes: list[Probe] = []
+        plans: dict[int, PrunePlan] = {}
+        unit = "x" if target.kind == "speedup" else " ms"
+
+        def aim() -> float:
+            """The speedup to aim at: the band's middle (a latency target through the latest dense time)."""
+            if target.kind == "speedup":
+                return AIM * target.value
+            dense = probes[-1].dense_ms if probes else dense_pred
+            return dense / (target.value / AIM)
+
+        lo, hi = (0 if target.kind == "speedup" else -1), len(states)
+        while len(probes) < MAX_PROBES and hi - lo > 1:
+            i = cal.inverse(aim(), speed)
+            if i <= lo or i >= hi or i in plans:
+                i = (lo + hi) // 2
+            i = min(max(i, lo + 1), hi - 1)
+            plan = plans[i] = plan_from_roots(graph, choose(graph, criterion, states[i].counts))
+            pruned = copy.deepcopy(model)
+            prune_channels(pruned, graph, plan)
+            dense_ms, probe_ms = prober.time(pruned)
+            predicted_speedup = cal(speed[i])
+            cal.add(speed[i], dense_ms / probe_ms)
+            if target.kind == "speedup":
+                pred, meas = predicted_speedup, dense_ms / probe_ms
+            else:
+                pred, meas = dense_ms / predicted_speedup, probe_ms
+            probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i]))
+            say(f"probe {len(probes)}: predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
+                f"(target {target.value:g}{unit})")
+            side = _in_band(target, meas)
+            if side == 0 and _in_band(target, meas, inner=True) == 0:
+                break
+            faster = meas > AIM * target.value if target.kind == "speedup" else meas < target.value / AIM
+            if side > 0 or (side == 0 and faster):
+                hi = i
+            else:
+                lo = i
+                if side < 0 and i == len(states) - 1:
+                    what = f"speedup {meas:.2f}x" if target.kind == "speedup" else f"latency {meas:.3g} ms"
+                    raise TargetUnreachable(
+                        f"the target {target.value:g}{unit} cannot be reached: the fastest model the planner "
+                        f"allows measured {what} (every layer group at {opt('max_layer_ratio')} "
+                        f"{cfg.max_layer_ratio:g} or at one step of {cfg.round_to} channels); ask for less, or "
+                        f"raise {opt('max_layer_ratio')}")
+    chosen = _pick(target, probes)
+    errors = [abs(p.predicted_speedup_raw - p.dense_ms / p.probe_ms) / (p.dense_ms / p.probe_ms) for p in probes]
+    info = {"round_to": cfg.round_to, "allocation": "latency-aware: greedy importance x MACs per predicted ms",
+            "trajectory_points": len(states),
+            "latency_tables": {"sites": len(lat.sites), "measured": lat.measured, "reused_from_cache": lat.reused,
+                               **prober.info()},
+            "table_speedup_error_median": round(sorted(errors)[len(errors) // 2], 4),
+            "search_seconds": round(time.perf_counter() - t0, 1)}
+    return Found({groups_key(g): states[chosen.index].counts[g.id] for g in graph.groups},
+                 {groups_key(g): g.size for g in graph.groups}, plans[chosen.index], target, probes,
+                 probes.index(chosen), info)
+
+
+def _in_band(target: Target, value: float, inner: bool = False) -> int:
+    """-1: too slow, 0: in the band, 1: faster than needed. The inner band keeps a quarter of the band's width
+    from each edge, so that a probe accepted early stays in the band when the final benchmark measures again."""
+    lo, hi = 1.0, BAND
+    if inner:
+        lo, hi = 1.0 + (BAND - 1) / 4, BAND - (BAND - 1) / 4
+    if target.kind == "speedup":
+        return -1 if value < lo * target.value else (1 if value > hi * target.value else 0)
+    return -1 if value > target.value / lo else (1 if value < target.value / hi else 0)
+
+
+def _pick(target: Target, probes: list[Probe]) -> Probe:
+    """The probe in the band nearest its middle; else the nearest one that is fast enough; else the fastest."""
+    mid = AIM * target.value if target.kind == "speedup" else target.value / AIM
+    inside = [p for p in probes if _in_band(target, p.measured) == 0]
+    if inside:
+        return min(inside, key=lambda p: abs(p.measured - mid))
+    fast = [p for p in probes if _in_band(target, p.measured) > 0]
+    if fast:
+        return min(fast, key=lambda p: abs(p.measured - mid))
+    return max(probes, key=lambda p: p.measured if target.kind == "speedup" else -p.measured)
+
+
+def groups_key(group: Group) -> str:
+    """A group's name that survives re-analysis of the pruned model: its first producer layer."""
+    return group.modules[0]
+
+
+def step_counts(graph: DependencyGraph, found: Found, step: int, steps: int, cfg: PlanConfig) -> dict[int, int]:
+    """Kept classes per group of ``graph`` (the model after ``step`` earlier steps) on a geometric path to
+    ``found``'s widths, landing on them exactly at the last step."""
+    out = {}
+    for g in graph.groups:
+        key = groups_key(g)
+        if key not in found.counts:
+            continue
+        n0, k = found.sizes[key], found.counts[key]
+        if step == steps - 1:
+            want = k
+        else:
+            want = n0 * (k / n0) ** ((step + 1) / steps)
+            choices = [v for v in allowed_counts_for(n0, g, cfg) if v >= k]
+            want = min(choices, key=lambda v: abs(v - want)) if choices else k
+        out[g.id] = min(g.size, int(want))
+    return out
+
+
+def allowed_counts_for(n0: int, group: Group, cfg: PlanConfig) -> list[int]:
+    """:func:`allowed_counts` of a group as it was at ``n0`` classes (before earlier steps shrank it)."""
+    proxy = Group(group.id, group.modules, [group.channels[0]] * n0, group.multiple_of, group.channels_per_class,
+                  group.grouped)
+    return allowed_counts(proxy, cfg)
