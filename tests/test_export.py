@@ -21,7 +21,7 @@ SHAPE = (1, 3, 16, 16)
 
 
 def _give_bn_statistics(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial eval-mode BN statistics, so outputs are of order 1 (docs/deploy.md §8)."""
+    """Non-trivial eval-mode BN statistics, so outputs are of order 1 (docs/onnx-runtime.md §8)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
