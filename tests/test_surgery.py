@@ -22,7 +22,11 @@ from deploy_prune.export import export_onnx, parity
 from deploy_prune.spec import PrunePlan
 from deploy_prune.surgery import PlanConfig, analyze, prune_channels, replay, roots_from_plan, select
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test draws its weights and inputs from the same seed, whatever ran before it."""
+    torch.manual_seed(0)
 
 
 def cbr(cin: int, cout: int, **kw: int) -> nn.Sequential:
