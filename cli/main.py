@@ -42,7 +42,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 
 
 def _run_template(
-    model: Annotated[str, typer.Argument(help="torchvision:NAME, builtin:NAME, or a .pt/.pth checkpoint "
+    model: Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME (pip install 'deploy-prune[timm]'), "
+                                              "builtin:NAME, or a .pt/.pth checkpoint "
                                               "(state_dict, {'arch','state_dict'} or a deploy-prune pruned.pt).")],
     criterion: Annotated[str, typer.Option(help="Criterion: " + "; ".join(
         f"{n}: {criteria.get(n).summary}" for n in criteria.names()) + ".")] = "l1",
@@ -57,9 +58,11 @@ def _run_template(
     target_latency: Annotated[Optional[float], typer.Option(
         help="Instead of --ratio: the same, as an absolute structured p50 in milliseconds (within MS/1.1..MS).")]
     = None,
-    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/timm:/builtin: "
+                                                        "MODEL.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file "
-                                                     "(torchvision:NAME or builtin:NAME); guessed if omitted.")] = None,
+                                                     "(torchvision:NAME, timm:NAME or builtin:NAME); "
+                                                     "torchvision/builtin ones are guessed if omitted.")] = None,
     data: Annotated[Optional[str], typer.Option(help="mnist5k (embedded digits) or imagefolder:DIR "
                                                      "(DIR/train, DIR/val). Without it: no finetuning, accuracy unknown.")] = None,
     epochs: Annotated[int, typer.Option(help="Finetune epochs after pruning (per step).")] = 3,
@@ -208,8 +211,10 @@ def demo(
 @app.command(no_args_is_help=True)
 def inspect(
     model: Annotated[str, typer.Argument(help="As for `run`.")],
-    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/timm:/builtin: "
+                                                        "MODEL.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file "
+                                                     "(torchvision:NAME, timm:NAME, builtin:NAME).")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled whole module.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -254,8 +259,10 @@ def sensitivity(
     model: Annotated[str, typer.Argument(help="As for `run`.")],
     data: Annotated[str, typer.Option(help="mnist5k or imagefolder:DIR (required).")],
     criterion: Annotated[str, typer.Option(help="Channel ranking used for each layer (l1, fpgm, random).")] = "l1",
-    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/builtin: MODEL.")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="A state_dict for a torchvision:/timm:/builtin: "
+                                                        "MODEL.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a bare state_dict file "
+                                                     "(torchvision:NAME, timm:NAME, builtin:NAME).")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for sensitivity.json and sensitivity.png.")] = Path("sensitivity-out"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing sensitivity files.")] = False,

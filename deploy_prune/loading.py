@@ -29,7 +29,8 @@ class LoadedModel:
 
     Attributes:
         model: the module, in eval mode, on CPU.
-        arch: a rebuildable MODEL spec (``torchvision:NAME`` / ``builtin:NAME``), or None for a trusted pickle.
+        arch: a rebuildable MODEL spec (``torchvision:NAME`` / ``timm:NAME`` / ``builtin:NAME``), or None for a
+            trusted pickle.
         num_classes: the classifier width the architecture was built with.
         input_shape: the input shape the model is known to take (builtin models, pruned.pt), else None.
         notes: what the loader decided on the user's behalf (e.g. which architecture matched a state_dict).
@@ -50,10 +51,52 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+TIMM_INSTALL = "pip install 'deploy-prune[timm]'"
+
+
+def _timm() -> Any:
+    """timm (an optional extra), or a one-line error that says how to install it."""
+    try:
+        import timm
+    except ImportError:
+        raise BadInput(f"timm:NAME models need timm, an optional extra: {TIMM_INSTALL} (or pip install timm)") \
+            from None
+    return timm
+
+
+def timm_names() -> list[str]:
+    """Every architecture timm can build (``timm.list_models()``); empty when timm is not installed."""
+    try:
+        import timm
+    except ImportError:
+        return []
+    return sorted(timm.list_models())
+
+
+def _build_timm(name: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...] | None]:
+    timm = _timm()
+    arch = name.split(".", 1)[0]  # "resnet50.a1_in1k": the tag names pretrained weights; the arch is the same
+    names = timm.list_models()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise BadInput(f"unknown timm model {name!r}{hint}; `python -c 'import timm; print(timm.list_models())'` "
+                       "lists them")
+    kw: dict[str, Any] = {"pretrained": False}  # never download: weights come from --weights or a checkpoint
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    model = timm.create_model(arch, **kw)
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return model.eval(), ((1, *size) if size else None)
+
+
 def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """Build ``torchvision:NAME`` or ``builtin:NAME`` with random init; returns (model, known input shape)."""
+    """Build ``torchvision:NAME``, ``timm:NAME`` or ``builtin:NAME`` with random init; returns (model, known input
+    shape)."""
     kind, _, name = arch.partition(":")
     kw = {} if num_classes is None else {"num_classes": num_classes}
+    if kind == "timm":
+        return _build_timm(name, num_classes)
     if kind == "torchvision":
         import torchvision
 
@@ -73,7 +116,8 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tu
             raise BadInput(f"unknown builtin model {name!r}: choose one of {', '.join(zoo.names())}")
         entry = zoo.get(name)
         return entry.build(**kw).eval(), entry.input_shape
-    raise BadInput(f"unknown model spec {arch!r}: use torchvision:NAME, builtin:NAME or a path to a .pt/.pth file")
+    raise BadInput(f"unknown model spec {arch!r}: use torchvision:NAME, timm:NAME, builtin:NAME or a path to a "
+                   ".pt/.pth file")
 
 
 def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -93,8 +137,19 @@ def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -
     model.load_state_dict(sd, strict=True)
 
 
-def _classifier_width(sd: dict[str, torch.Tensor]) -> int | None:
-    """The output width of the last 2-D weight in the state_dict (the classifier), if any."""
+def _classifier_width(sd: dict[str, torch.Tensor], arch: str | None = None) -> int | None:
+    """The classifier's output width in the state_dict: for a timm ``arch``, the layer its config names as the
+    classifier; otherwise the output width of the last 2-D weight (None if there is none)."""
+    if arch and arch.startswith("timm:"):
+        try:
+            cfg = _timm().models.get_pretrained_cfg(arch.split(":", 1)[1].split(".", 1)[0])
+        except Exception:  # noqa: BLE001 - no config: fall back to the generic rule
+            cfg = None
+        heads = getattr(cfg, "classifier", None) if cfg is not None else None
+        for head in ([heads] if isinstance(heads, str) else list(heads or ())):
+            w = sd.get(f"{head}.weight")
+            if isinstance(w, torch.Tensor) and w.dim() >= 2:
+                return int(w.shape[0])
     for k in reversed(list(sd)):
         if k.endswith("weight") and sd[k].dim() == 2:
             return int(sd[k].shape[0])
@@ -128,8 +183,9 @@ def match_arch(sd: dict[str, torch.Tensor]) -> str:
     if len(exact) > 1:
         raise BadInput(f"the state_dict matches several architectures ({', '.join(exact)}); pass {opt('arch')}")
     best = [a for _, a in sorted(scored, reverse=True)[:3]]
-    raise BadInput(f"no known architecture matches this state_dict (closest: {', '.join(best)}); "
-                   f"pass {opt('arch')} torchvision:NAME or builtin:NAME")
+    # timm's ~1300 architectures are not searched (building each takes about a minute in all): name it
+    raise BadInput(f"no torchvision or builtin architecture matches this state_dict (closest: {', '.join(best)}); "
+                   f"pass {opt('arch')} torchvision:NAME, timm:NAME or builtin:NAME")
 
 
 def _read_checkpoint(path: Path, trust_pickle: bool) -> Any:
@@ -170,7 +226,7 @@ def load_model(spec: str, *, weights: str | None = None, arch: str | None = None
 
 
 def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickle: bool) -> LoadedModel:
-    if spec.startswith(("torchvision:", "builtin:")):
+    if spec.startswith(("torchvision:", "builtin:", "timm:")):
         if arch:
             raise BadInput(f"{opt('arch')} is only for checkpoint files; drop it or pass a .pt file as MODEL")
         ncls = None
@@ -180,7 +236,7 @@ def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickl
             sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
             if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
                 raise BadInput(f"{opt('weights')} {weights} is not a state_dict; save model.state_dict()")
-            ncls = _classifier_width(sd)
+            ncls = _classifier_width(sd, spec)
         model, shape = build_arch(spec, ncls)
         notes = []
         if sd is not None:
@@ -194,10 +250,10 @@ def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickl
                 notes.append(f"{spec}: random initialisation (no weights given)")
         else:
             notes.append(f"{spec}: random initialisation (no weights given)")
-        return LoadedModel(model.eval(), spec, ncls or _classifier_width(model.state_dict()), shape, notes)
+        return LoadedModel(model.eval(), spec, ncls or _classifier_width(model.state_dict(), spec), shape, notes)
     if weights:
-        raise BadInput(f"{opt('weights')} goes with torchvision:NAME or builtin:NAME; a checkpoint file carries its "
-                       "weights")
+        raise BadInput(f"{opt('weights')} goes with torchvision:NAME, timm:NAME or builtin:NAME; a checkpoint file "
+                       "carries its weights")
     path = Path(spec)
     obj = _read_checkpoint(path, trust_pickle)
     if isinstance(obj, nn.Module):
@@ -213,9 +269,10 @@ def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickl
     if arch is None:
         arch = match_arch(obj)
         notes.append(f"architecture {arch} matched the state_dict's parameter names and shapes")
-    model, shape = build_arch(arch, _classifier_width(obj))
+    ncls = _classifier_width(obj, arch)
+    model, shape = build_arch(arch, ncls)
     _load_state_dict(model, obj, path.name)
-    return LoadedModel(model.eval(), arch, _classifier_width(obj), shape, notes)
+    return LoadedModel(model.eval(), arch, ncls, shape, notes)
 
 
 def _load_bundle(obj: dict, path: Path, arch_flag: str | None) -> LoadedModel:
