@@ -94,10 +94,17 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, plan: PrunePlan) ->
         m = model.get_submodule(name)
         _slice(m, "weight", k, 0)
         _slice(m, "bias", k, 0)
+        if type(m) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+            # a subclass's own per-output-channel tensors (ScaledStdConv2d's gain [C_out, 1, 1, 1])
+            for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+                if attr not in ("weight", "bias") and isinstance(t, torch.Tensor) and t.dim() >= 1 \
+                        and t.shape[0] == before:
+                    _slice(m, attr, k, 0)
         if isinstance(m, nn.Linear):
             m.out_features = len(k)
         else:
             m.out_channels = len(k)
+    _rewrite_sizes(model, graph, removed)
     for p in graph.params.values():
         roots = graph.el.roots(p.ids)
         mask = torch.isin(roots, torch.tensor(sorted(removed), dtype=torch.long))
@@ -113,6 +120,24 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, plan: PrunePlan) ->
         keep = torch.nonzero(~mask[tuple(idx)].reshape(-1)).reshape(-1)
         owner, _, attr = p.name.rpartition(".")
         _slice(model.get_submodule(owner) if owner else model, attr, keep, d)
+
+
+def _rewrite_sizes(model: nn.Module, graph: DependencyGraph, removed: set[int]) -> None:
+    """Set every module attribute that holds split sizes or slice bounds (surgery/sizes.py) to the surviving
+    counts, so the pruned forward cuts its narrower tensors at the right places."""
+    new: dict[tuple[str, str], object] = {}
+    for site in graph.size_sites:
+        owner = model.get_submodule(site.owner)
+        value = site.new_value(lambda t: len(_keep(t, graph, removed)), getattr(owner, site.attr))
+        if (site.owner, site.attr) in new and new[(site.owner, site.attr)] != value:
+            raise DeployPruneError(f"attribute '{site.attr}' of module '{site.owner}' would need two values after "
+                                   f"pruning; leave that module unpruned with {opt('ignore')} {site.owner}.")
+        if any(v == 0 for v in (value if isinstance(value, (list, tuple)) else [value])):
+            raise DeployPruneError(f"the plan removes every channel of a part split off at node {site.node}; "
+                                   "keep at least one")
+        new[(site.owner, site.attr)] = value
+    for (owner, attr), value in new.items():
+        setattr(model.get_submodule(owner), attr, value)
 
 
 def replay(model: nn.Module, input_shape: tuple[int, ...], plan: PrunePlan) -> nn.Module:

@@ -32,6 +32,7 @@ from deploy_prune.errors import UnsupportedModel, opt
 from deploy_prune.surgery.groups import Channel, Group, build_groups
 from deploy_prune.surgery.ops import CONV, NORM
 from deploy_prune.surgery.propagate import Consumer, Param, Propagator, ReluSite
+from deploy_prune.surgery.sizes import SizeSite
 from deploy_prune.surgery.unionfind import Elements
 
 __all__ = ["Channel", "DependencyGraph", "Group", "analyze", "trace"]
@@ -83,6 +84,9 @@ class DependencyGraph:
         self.consumers: list[Consumer] = []
         self.params: dict[str, Param] = {}
         self.relu_sites: list[ReluSite] = []
+        self.size_sites: list[SizeSite] = []  # module attributes holding split sizes / slice bounds (sizes.py)
+        self.keep_one: list[tuple[torch.Tensor, str]] = []  # labels of which at least one must survive (a part)
+        self.keep_sets: list[frozenset[int]] = []  # the same, as class roots (build_groups)
         self.groups: list[Group] = []
         self.skipped: dict[str, str] = {}  # producer module -> why none of its channels can be pruned
         self.order: list[str] = []  # producer modules in graph order

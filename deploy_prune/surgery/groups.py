@@ -7,6 +7,7 @@ producer layers (a residual stage, a single conv, a concat branch).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,12 +71,27 @@ def build_groups(g: DependencyGraph) -> None:
         vd = varying_dims(roots)
         if len(vd) > 1:
             el.block(p.ids, f"tensor '{p.name}' is coupled to channels along several dims")
+    # A module attribute read by several splits/slices gets one value: they must count the same classes.
+    by_attr: dict[tuple[str, str], list] = {}
+    for site in g.size_sites:
+        by_attr.setdefault((site.owner, site.attr), []).append(site)
+    for (owner, attr), sites in by_attr.items():
+        sigs = {(s.scale, tuple(tuple(sorted(Counter(el.roots(p).tolist()).items())) for p in s.parts))
+                for s in sites}
+        if len(sigs) > 1:
+            for s in sites:
+                for p in s.parts:
+                    el.block(p, f"attribute '{attr}' of module '{owner or type(g.model).__name__}' sizes "
+                                "differently pruned tensors")
     # class -> members
     producers: dict[int, list[tuple[str, int]]] = {}
     for name in g.order:
         for i, r in enumerate(el.roots(g.producer_ids[name]).tolist()):
             producers.setdefault(r, []).append((name, i))
     blocked_roots = el.blocked_roots()
+    # parts of a split / slices that must keep at least one channel (a conv cannot read zero channels)
+    keep_sets = {frozenset(el.roots(labels).tolist()) for labels, _ in g.keep_one}
+    g.keep_sets = [k for k in keep_sets if not any(r in blocked_roots for r in k)]
     norms: dict[int, list[tuple[str, int]]] = {}
     for c in g.consumers:
         if c.role in ("norm", "dw"):

@@ -129,13 +129,29 @@ def choose(graph: DependencyGraph, criterion: Criterion, counts: dict[int, int],
     already removed upstream (greedy L1 leaves their kernels out).
     """
     removed: set[int] = set()
+    keep_sets: dict[int, list[frozenset[int]]] = {}  # root -> the split parts it belongs to
+    for ks in graph.keep_sets:
+        for r in ks:
+            keep_sets.setdefault(r, []).append(ks)
     for g in graph.groups:
         keep = counts.get(g.id, g.size)
         if keep >= g.size:
             continue
         s = scores[g.id] if scores is not None else _check(criterion, g, criterion.score(graph, g,
                                                                                           frozenset(removed)))
-        removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
+        if not keep_sets:
+            removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
+            continue
+        # lowest scores first, skipping a channel that would leave a part of a split or slice empty
+        need = g.size - keep
+        for i in _lowest(s, g.size):
+            if need == 0:
+                break
+            r = g.channels[i].root
+            if any(ks <= removed | {r} for ks in keep_sets.get(r, ())):
+                continue
+            removed.add(r)
+            need -= 1
     return removed
 
 

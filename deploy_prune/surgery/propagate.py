@@ -20,6 +20,7 @@ from deploy_prune.surgery.ops import (
     BINARY_FUNCS, BINARY_METHODS, CONV, MOVE_FUNCS, MOVE_METHODS, NORM, PASS_FUNCS, PASS_METHODS,
     PASS_MODULES, REDUCE_FUNCS, REDUCE_METHODS, RELU_FUNCS, RELU_MODULES, RESHAPES, SLICING, SPATIAL_FUNCS,
     SPATIAL_MODULES, along, meta_shapes, tensors, tracks_labels, varying_dims, vector)
+from deploy_prune.surgery.sizes import SizeSite, find_size_attr
 from deploy_prune.surgery.unionfind import _distinct
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class Propagator(fx.Interpreter):
         # and an int node -> the label sets of the channel widths it was computed from (e.g. C // heads).
         self.size_of: dict[str, dict[int, frozenset[int]]] = {}
         self.width_of: dict[str, list[frozenset[int]]] = {}
+        self.size_cache: dict[Any, Any] = {}  # (module, literal) -> the attribute holding it (sizes.py)
 
     # -- helpers --
     def _where(self) -> str:
@@ -481,7 +483,9 @@ class Propagator(fx.Interpreter):
 
     def _check_slicing(self, name: str, x: torch.Tensor, args: Any, kwargs: Any) -> None:
         """Splitting or slicing along a channel dim fixes positions at trace time, but at run time the pruned
-        width decides where a chunk or ``x[:, :8]`` cuts, so channels there cannot be removed safely."""
+        width decides where a chunk or ``x[:, :8]`` cuts, so channels there cannot be removed safely, unless the
+        cut adapts to the pruned width (``chunk``, a size computed from the tensor), covers the whole width, or
+        its sizes are attributes of the module that the surgery can rewrite (:meth:`_literal_cut`)."""
         varying = set(varying_dims(x))
         if not varying:
             return
@@ -497,6 +501,90 @@ class Propagator(fx.Interpreter):
             cut = {int(dim) % x.dim()} if isinstance(dim, int) else varying
         if cut & varying:
             assert self.node is not None
-            if varying == cut and len(cut) == 1 and self._couple_equal_chunks(name, x, next(iter(cut)), args, kwargs):
-                return
+            if varying == cut and len(cut) == 1:
+                d = next(iter(cut))
+                if self._couple_equal_chunks(name, x, d, args, kwargs) or self._literal_cut(name, x, d):
+                    return
             self.el.block(x, f"is split or sliced along the channel dimension at node {self.node.name}")
+
+    def _literal_cut(self, name: str, x: torch.Tensor, dim: int) -> bool:
+        """A split or slice along the channel dim at sizes written as literals in the graph.
+
+        * a slice that keeps the whole width (GhostNet's ``out[:, :self.out_chs]`` after concatenating exactly
+          ``out_chs`` channels), or a split whose one part is the whole width, cuts nothing at any pruned width;
+        * otherwise the literals must be attributes of the module running the op (sizes.py finds and verifies
+          them): a slice bound becomes the number of surviving channels before it, a list of split sizes the
+          surviving count of each part (every part keeps at least one channel), and an equal split by one size
+          (Res2Net's ``split(out, self.width)``) couples position j of every part, as ``chunk`` does, so all
+          parts keep the same count and the one size stays valid.
+
+        Returns False when the cut is none of these (the caller blocks it)."""
+        assert self.node is not None
+        node, n = self.node, x.shape[dim]
+        vec = vector(x, dim)
+        if name in ("getitem", "__getitem__"):
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            sl = idx[dim] if dim < len(idx) else None
+            if not isinstance(sl, slice) or sl.step not in (None, 1) or any(
+                    b is not None and type(b) is not int for b in (sl.start, sl.stop)):
+                return False  # a bound computed at run time (or from another tensor): not ours to rewrite
+            start, stop = sl.start or 0, sl.stop
+            if start < 0 or (stop is not None and stop < 0):
+                return False
+            end = n if stop is None else min(stop, n)
+            if start == 0 and end == n:
+                return True
+            if start >= end:
+                return False
+            bounds = ([start] if start else []) + ([stop] if stop is not None and stop < n else [])
+            sites = [self._size_site(b, [vec[:b]], as_list=False) for b in bounds]
+            if any(st is None for st in sites):
+                return False
+            self.g.size_sites.extend(sites)  # type: ignore[arg-type]
+            self.g.keep_one.append((vec[start:end].clone(), f"the slice at node {node.name}"))
+            return True
+        if name != "split":
+            return False
+        sizes = node.kwargs.get("split_size_or_sections", node.kwargs.get(
+            "split_size", node.args[1] if len(node.args) > 1 else None))
+        if type(sizes) is int:
+            if sizes >= n:
+                return True
+            if sizes <= 0 or n % sizes:
+                return False
+            site = self._size_site(sizes, [vec[:sizes]], as_list=False)
+            if site is None:
+                return False
+            parts = vec.reshape(n // sizes, sizes)
+            for r in parts[1:]:
+                self.el.union_pairs(parts[0], r)
+            self.g.size_sites.append(site)
+            return True
+        if not isinstance(sizes, (list, tuple)) or not all(type(v) is int and v > 0 for v in sizes) or \
+                sum(sizes) != n:
+            return False
+        bounds = [0]
+        for v in sizes:
+            bounds.append(bounds[-1] + v)
+        parts = [vec[a:b].clone() for a, b in zip(bounds, bounds[1:])]
+        site = self._size_site(list(sizes), parts, as_list=True)
+        if site is None:
+            return False
+        self.g.size_sites.append(site)
+        self.g.keep_one.extend((p, f"part {i} of the split at node {node.name}") for i, p in enumerate(parts))
+        return True
+
+    def _size_site(self, literal: int | list[int], parts: list[torch.Tensor], as_list: bool) -> SizeSite | None:
+        """The module attribute the current node's ``literal`` comes from, as a :class:`SizeSite`, or None."""
+        assert self.node is not None
+        stack = self.node.meta.get("nn_module_stack") or {}
+        owner = str(list(stack.values())[-1][0]) if stack else ""  # "" = an op in the root module's forward
+        try:
+            module = self.g.model.get_submodule(owner)
+        except AttributeError:
+            return None
+        found = find_size_attr(module, literal, self.size_cache)
+        if found is None:
+            return None
+        attr, scale = found
+        return SizeSite(self.node.name, owner, attr, scale, [p.clone() for p in parts], as_list)
