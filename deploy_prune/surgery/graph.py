@@ -39,33 +39,54 @@ __all__ = ["Channel", "DependencyGraph", "Group", "analyze", "trace"]
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with every norm layer (and subclasses such as ConvNeXt's LayerNorm2d) kept whole."""
+    """torch.fx's tracer, with every norm layer (and subclasses such as ConvNeXt's LayerNorm2d) kept whole, and
+    the modules in ``opaque`` too (see :func:`trace`)."""
+
+    def __init__(self, opaque: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.opaque = set(opaque)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, NORM + CONV + (nn.Linear,)):
+        if isinstance(m, NORM + CONV + (nn.Linear,)) or qualname in self.opaque:
             return True
         return super().is_leaf_module(m, qualname)
 
 
+_MAX_OPAQUE = 16
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; a model that cannot be traced gets an error naming the op and module."""
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes a user-facing message
-        where = ""
-        stack = getattr(tracer, "module_stack", None)
-        if stack:
-            names = [k for k in stack.keys() if k]
+    """Symbolically trace ``model``; a model that cannot be traced gets an error naming the op and module.
+
+    A submodule whose forward branches on a traced value (timm's VGG head checks ``x.shape[-2]``) is kept whole
+    as one opaque node instead: the analysis treats it as an op it does not understand, so its inputs are left
+    unpruned with that reason (``gm.meta["opaque"]``) and the rest of the model is still pruned.
+    """
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(opaque)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as exc:  # noqa: BLE001 - any tracing failure becomes a user-facing message
+            where = ""
+            stack = getattr(tracer, "module_stack", None)
+            names = [k for k in stack.keys() if k] if stack else []
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            inner = str(list(stack.values())[-1][0]) if stack else ""
+            if isinstance(exc, fx.proxy.TraceError) and inner and inner not in opaque and len(opaque) < _MAX_OPAQUE:
+                opaque[inner] = f"{type(model.get_submodule(inner)).__name__}'s forward branches on a traced value"
+                continue
             if names:
                 where = f" inside module '{names[-1]}'"
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModel(
-            f"cannot trace the model{where}: {type(exc).__name__}: {msg[:300]}; channel surgery needs a "
-            "torch.fx-traceable forward (no data-dependent Python control flow); wrap the offending code in "
-            f"a leaf module or skip it with {opt('ignore')}"
-        ) from None
-    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+            raise UnsupportedModel(
+                f"cannot trace the model{where}: {type(exc).__name__}: {msg[:300]}; channel surgery needs a "
+                "torch.fx-traceable forward (no data-dependent Python control flow); wrap the offending code in "
+                f"a leaf module or skip it with {opt('ignore')}"
+            ) from None
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    gm.meta["opaque"] = opaque
+    return gm
 
 
 # ----------------------------------------------------------------------------------------------------------

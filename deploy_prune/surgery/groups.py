@@ -90,8 +90,11 @@ def build_groups(g: DependencyGraph) -> None:
             producers.setdefault(r, []).append((name, i))
     blocked_roots = el.blocked_roots()
     # parts of a split / slices that must keep at least one channel (a conv cannot read zero channels)
+    # and every producer layer (a branch of a concat that feeds a wider residual group must keep a channel)
     keep_sets = {frozenset(el.roots(labels).tolist()) for labels, _ in g.keep_one}
-    g.keep_sets = [k for k in keep_sets if not any(r in blocked_roots for r in k)]
+    keep_sets |= {frozenset(el.roots(ids).tolist()) for ids in g.producer_ids.values()}
+    g.keep_sets = sorted((k for k in keep_sets if not any(r in blocked_roots for r in k)),
+                         key=lambda k: (len(k), min(k)))
     norms: dict[int, list[tuple[str, int]]] = {}
     for c in g.consumers:
         if c.role in ("norm", "dw"):

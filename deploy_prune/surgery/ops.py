@@ -20,7 +20,9 @@ PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoi
 SPATIAL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-                    nn.UpsamplingBilinear2d)
+                    nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                    nn.ReplicationPad2d, nn.ReplicationPad3d)  # padding modules pad the trailing (spatial) dims
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
 RELU_FUNCS = {F.relu, torch.relu, torch.relu_, F.relu6, F.relu_}
 
@@ -59,6 +61,8 @@ RESHAPES = {"view", "reshape", torch.reshape}
 SLICING = {"split", "chunk", "tensor_split", "unbind", "narrow", "getitem", "__getitem__"}
 REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin}
 REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+SOFTMAX_FUNCS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
+POW_FUNCS = {operator.pow, torch.pow}  # by a scalar: element-wise (StarReLU's relu(x) ** 2)
 
 
 def varying_dims(t: torch.Tensor) -> list[int]:
@@ -102,9 +106,11 @@ def tracks_labels(n: fx.Node) -> bool:
     """Whether node ``n`` is an op whose channel semantics the propagator understands."""
     if n.op == "call_function":
         t = n.target
-        return t in BINARY_FUNCS or t in MOVE_FUNCS or t in PASS_FUNCS or t in SPATIAL_FUNCS or t in REDUCE_FUNCS
+        return (t in BINARY_FUNCS or t in MOVE_FUNCS or t in PASS_FUNCS or t in SPATIAL_FUNCS or t in REDUCE_FUNCS
+                or t in SOFTMAX_FUNCS or t in POW_FUNCS)
     if n.op == "call_method":
         t = n.target
-        return t in BINARY_METHODS or t in MOVE_METHODS or t in PASS_METHODS or t in REDUCE_METHODS
+        return (t in BINARY_METHODS or t in MOVE_METHODS or t in PASS_METHODS or t in REDUCE_METHODS
+                or t in ("softmax", "log_softmax", "pow", "pow_"))
     return n.op in ("call_module", "output")
 

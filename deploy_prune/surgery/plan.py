@@ -126,30 +126,31 @@ def choose(graph: DependencyGraph, criterion: Criterion, counts: dict[int, int],
     """The channel roots to remove so that group ``g`` keeps ``counts[g.id]`` channels: the lowest-scored ones.
 
     Groups are visited in graph order; without precomputed ``scores`` each group is scored with the roots
-    already removed upstream (greedy L1 leaves their kernels out).
+    already removed upstream (greedy L1 leaves their kernels out). A channel whose removal would leave a layer
+    or a part of a split with no channel at all (``graph.keep_sets``) is passed over for the next-lowest one.
     """
     removed: set[int] = set()
-    keep_sets: dict[int, list[frozenset[int]]] = {}  # root -> the split parts it belongs to
-    for ks in graph.keep_sets:
+    # sets of which at least one channel must survive: a split's parts, each producer layer's outputs
+    member: dict[int, list[int]] = {}  # root -> indices of the keep sets it belongs to
+    left = [len(ks) for ks in graph.keep_sets]  # members of each keep set not removed yet
+    for j, ks in enumerate(graph.keep_sets):
         for r in ks:
-            keep_sets.setdefault(r, []).append(ks)
+            member.setdefault(r, []).append(j)
     for g in graph.groups:
         keep = counts.get(g.id, g.size)
         if keep >= g.size:
             continue
         s = scores[g.id] if scores is not None else _check(criterion, g, criterion.score(graph, g,
                                                                                           frozenset(removed)))
-        if not keep_sets:
-            removed.update(g.channels[i].root for i in _lowest(s, g.size - keep))
-            continue
-        # lowest scores first, skipping a channel that would leave a part of a split or slice empty
         need = g.size - keep
-        for i in _lowest(s, g.size):
+        for i in _lowest(s, g.size):  # lowest scores first, never emptying a keep set
             if need == 0:
                 break
             r = g.channels[i].root
-            if any(ks <= removed | {r} for ks in keep_sets.get(r, ())):
+            if any(left[j] <= 1 for j in member.get(r, ())):
                 continue
+            for j in member.get(r, ()):
+                left[j] -= 1
             removed.add(r)
             need -= 1
     return removed

@@ -18,13 +18,25 @@ import torch.nn.functional as F
 from deploy_prune.errors import UnsupportedModel
 from deploy_prune.surgery.ops import (
     BINARY_FUNCS, BINARY_METHODS, CONV, MOVE_FUNCS, MOVE_METHODS, NORM, PASS_FUNCS, PASS_METHODS,
-    PASS_MODULES, REDUCE_FUNCS, REDUCE_METHODS, RELU_FUNCS, RELU_MODULES, RESHAPES, SLICING, SPATIAL_FUNCS,
-    SPATIAL_MODULES, along, meta_shapes, tensors, tracks_labels, varying_dims, vector)
+    PASS_MODULES, POW_FUNCS, REDUCE_FUNCS, REDUCE_METHODS, RELU_FUNCS, RELU_MODULES, RESHAPES, SLICING,
+    SOFTMAX_FUNCS, SPATIAL_FUNCS, SPATIAL_MODULES, along, meta_shapes, tensors, tracks_labels, varying_dims,
+    vector)
 from deploy_prune.surgery.sizes import SizeSite, find_size_attr
 from deploy_prune.surgery.unionfind import _distinct
 
 if TYPE_CHECKING:
     from deploy_prune.surgery.graph import DependencyGraph
+
+
+def _elementwise(m: nn.Module) -> bool:
+    """Whether module ``m`` acts on each element alone: torch's activations and dropouts, timm's activation
+    modules (``timm.layers.activations*``), or a PReLU with one shared slope."""
+    if isinstance(m, nn.PReLU):
+        return m.num_parameters == 1
+    if isinstance(m, PASS_MODULES):
+        return True
+    mod = type(m).__module__
+    return mod.startswith("timm.layers.activations") and not any(True for _ in m.parameters())
 
 
 @dataclass
@@ -200,7 +212,15 @@ class Propagator(fx.Interpreter):
         if isinstance(m, nn.Linear):
             return self._linear(name, m, x)
         if isinstance(m, NORM):
-            return self._norm(name, m, x)
+            out = self._norm(name, m, x)
+            extra = list(m.children())  # timm's BatchNormAct2d & co. apply an activation (and dropout) inside
+            if extra:
+                odd = [c for c in extra if not _elementwise(c)]
+                if odd:
+                    return self._unknown(args, kwargs, f"{self._where()} with {type(odd[0]).__name__} inside")
+                if any(isinstance(c, RELU_MODULES) for c in extra):
+                    self._relu_site(x)  # the node's output is post-ReLU, as APoZ expects
+            return out
         if isinstance(m, PASS_MODULES):
             if isinstance(m, RELU_MODULES):
                 self._relu_site(x)
@@ -211,7 +231,8 @@ class Propagator(fx.Interpreter):
             return self._spatial(x, self._where())
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
             return m(x)
-        return self._unknown(args, kwargs, self._where())
+        why = self.g.gm.meta.get("opaque", {}).get(name)
+        return self._unknown(args, kwargs, f"{self._where()} (kept whole: {why})" if why else self._where())
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if not tensors((args, kwargs)):
@@ -230,6 +251,10 @@ class Propagator(fx.Interpreter):
             return self._move(target, args, kwargs)
         if target in REDUCE_FUNCS:
             return self._reduce(args, kwargs)
+        if target in SOFTMAX_FUNCS:
+            return self._softmax(args, kwargs)
+        if target in POW_FUNCS:
+            return args[0] if not isinstance(args[1], torch.Tensor) else self._binary(args, kwargs)
         return self._unknown(args, kwargs, self._where())
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -246,9 +271,24 @@ class Propagator(fx.Interpreter):
             return self._move(target, args, kwargs)
         if target in REDUCE_METHODS:
             return self._reduce(args, kwargs)
+        if target in ("softmax", "log_softmax"):
+            return self._softmax(args, kwargs)
+        if target in ("pow", "pow_"):
+            return self_obj if not isinstance(args[1], torch.Tensor) else self._binary(args, kwargs)
         return self._unknown(args, kwargs, self._where())
 
     # -- op handlers --
+    def _softmax(self, args: Any, kwargs: Any) -> Any:
+        """softmax along a dim whose channel classes are all the same (SKNet's and ResNeSt's attention over their
+        coupled paths) acts on each channel separately; along channels it is an op we do not follow."""
+        x = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if not isinstance(dim, int):
+            return self._unknown(args, kwargs, self._where())
+        if dim % x.dim() in varying_dims(self.el.roots(x)):
+            return self._unknown(args, kwargs, f"{self._where()} over the channel dimension")
+        return x
+
     def _relu_site(self, t: Any) -> None:
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and self.node is not None:
             dim = 1 if t.dim() >= 3 else t.dim() - 1
@@ -365,6 +405,15 @@ class Propagator(fx.Interpreter):
             return self._unknown(args, kwargs, "a full reduction")
         dims = [d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)]
         vd = varying_dims(x)
+        rest = [d for d in vd if d not in dims]
+        if len(vd) > 1 and len(rest) == 1:
+            # summing (or max-ing) stacked copies of the channels, e.g. SKNet's paths [B, paths, C, H, W] summed
+            # over paths: the same as adding the slices, so position j of every slice is coupled
+            for d in vd:
+                if d in dims:
+                    for i in range(1, x.shape[d]):
+                        self.el.union_pairs(x.narrow(d, 0, 1), x.narrow(d, i, 1))
+            vd = rest
         if len(vd) > 1 or (vd and vd[0] in dims):
             return self._unknown(args, kwargs, f"{self._where()} over the channel dimension")
         d = vd[0] if vd else 1
@@ -372,7 +421,9 @@ class Propagator(fx.Interpreter):
             return self._unknown(args, kwargs, self._where())
         out_shape = meta_shapes(self.node)  # type: ignore[arg-type]
         d_out = d if keep else d - sum(1 for r in dims if r < d)
-        return along(vector(x, d), d_out, out_shape)
+        idx = [0] * x.dim()
+        idx[d] = slice(None)
+        return along(x[tuple(idx)].reshape(-1), d_out, out_shape)
 
     def _move(self, target: Any, args: Any, kwargs: Any) -> Any:
         assert self.node is not None
@@ -385,6 +436,8 @@ class Propagator(fx.Interpreter):
             out = x.reshape(*shape)
             if before:
                 why = self._reshape_problem(out, before) or self._sized_by_other(x)
+                if why and self._stored_view(x, out, before):
+                    why = None
                 if why:
                     self.el.block(x, f"passes through {why} at node {self.node.name}")
             return out
@@ -393,6 +446,29 @@ class Propagator(fx.Interpreter):
         if isinstance(x, torch.Tensor) and name in SLICING:
             self._check_slicing(name, x, args, kwargs)
         return out
+
+    def _stored_view(self, x: torch.Tensor, out: torch.Tensor, before: list[int]) -> bool:
+        """A view that only adds or drops unit dims around the channels, with their width written as a literal
+        that a module stores (the layer scale of PoolFormer and other MetaFormers: ``self.scale.view(self.shape)``
+        with ``shape = (dim, 1, 1)``): recorded so the surgery rewrites the width in that attribute."""
+        assert self.node is not None
+        after = varying_dims(out)
+        sizes = self.node.kwargs.get("shape", self.node.kwargs.get("size", self.node.args[1:]))
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        if len(before) != 1 or len(after) != 1 or not all(type(v) is int for v in sizes) \
+                or len(sizes) != out.dim():
+            return False
+        d = after[0]
+        vec = vector(x, before[0])
+        if not torch.equal(vec, vector(out, d)) or sizes[d] != len(vec) or any(
+                v != 1 for i, v in enumerate(sizes) if i != d):
+            return False
+        site = self._size_site(list(sizes), [vec], slots=[d])
+        if site is None:
+            return False
+        self.g.size_sites.append(site)
+        return True
 
     def _sized_by_other(self, x: torch.Tensor) -> str | None:
         """A size computed from *another* tensor's channel count (Swin-style ``qkv.reshape(B, N, 3, heads,
@@ -537,7 +613,7 @@ class Propagator(fx.Interpreter):
             if start >= end:
                 return False
             bounds = ([start] if start else []) + ([stop] if stop is not None and stop < n else [])
-            sites = [self._size_site(b, [vec[:b]], as_list=False) for b in bounds]
+            sites = [self._size_site(b, [vec[:b]]) for b in bounds]
             if any(st is None for st in sites):
                 return False
             self.g.size_sites.extend(sites)  # type: ignore[arg-type]
@@ -552,7 +628,7 @@ class Propagator(fx.Interpreter):
                 return True
             if sizes <= 0 or n % sizes:
                 return False
-            site = self._size_site(sizes, [vec[:sizes]], as_list=False)
+            site = self._size_site(sizes, [vec[:sizes]])
             if site is None:
                 return False
             parts = vec.reshape(n // sizes, sizes)
@@ -567,14 +643,17 @@ class Propagator(fx.Interpreter):
         for v in sizes:
             bounds.append(bounds[-1] + v)
         parts = [vec[a:b].clone() for a, b in zip(bounds, bounds[1:])]
-        site = self._size_site(list(sizes), parts, as_list=True)
-        if site is None:
+        site = self._size_site(list(sizes), parts, slots=list(range(len(parts))))
+        # or one int attribute per part (FasterNet's ``split(x, [self.dim_conv3, self.dim_untouched])``)
+        sites = [site] if site is not None else [self._size_site(v, [p]) for v, p in zip(sizes, parts)]
+        if any(st is None for st in sites):
             return False
-        self.g.size_sites.append(site)
+        self.g.size_sites.extend(sites)  # type: ignore[arg-type]
         self.g.keep_one.extend((p, f"part {i} of the split at node {node.name}") for i, p in enumerate(parts))
         return True
 
-    def _size_site(self, literal: int | list[int], parts: list[torch.Tensor], as_list: bool) -> SizeSite | None:
+    def _size_site(self, literal: int | list[int], parts: list[torch.Tensor], slots: list[int] | None = None
+                   ) -> SizeSite | None:
         """The module attribute the current node's ``literal`` comes from, as a :class:`SizeSite`, or None."""
         assert self.node is not None
         stack = self.node.meta.get("nn_module_stack") or {}
@@ -587,4 +666,4 @@ class Propagator(fx.Interpreter):
         if found is None:
             return None
         attr, scale = found
-        return SizeSite(self.node.name, owner, attr, scale, [p.clone() for p in parts], as_list)
+        return SizeSite(self.node.name, owner, attr, scale, [p.clone() for p in parts], slots)

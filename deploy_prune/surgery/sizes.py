@@ -14,6 +14,7 @@ architectures without code from the file.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,13 +39,16 @@ class SizeSite:
     attr: str
     scale: int  # the attribute holds ``scale`` times the literal (CSPNet: ``split(self.expand_chs // 2)``)
     parts: list[torch.Tensor]  # labels whose surviving count gives each value
-    as_list: bool  # the attribute is a list/tuple of sizes (else one int)
+    slots: list[int] | None = None  # for a list/tuple attribute: the entry each part sets (others unchanged)
 
     def new_value(self, kept: Callable[[torch.Tensor], int], old: Any) -> Any:
         vals = [kept(p) * self.scale for p in self.parts]
-        if self.as_list:
-            return type(old)(vals) if isinstance(old, (list, tuple)) else vals
-        return vals[0]
+        if self.slots is None:
+            return vals[0]
+        new = list(old)
+        for slot, v in zip(self.slots, vals):
+            new[slot] = v
+        return type(old)(new)
 
 
 def _literal_key(v: Any) -> Any:
@@ -76,11 +80,24 @@ def _literals(gm: fx.GraphModule) -> set[Any]:
     return found
 
 
+class _Call(nn.Module):
+    """Calls ``m`` on one input, so tracing goes through ``m.__call__`` (which honours a forward that ``__init__``
+    picked per instance, as FasterNet's ``Partial_conv3`` does; ``fx`` alone would trace the class's)."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Any) -> Any:
+        return self.m(x)
+
+
 def _trace(module: nn.Module) -> fx.GraphModule | None:
     from deploy_prune.surgery.graph import _Tracer  # graph.py imports this module
 
+    root = _Call(module)
     try:
-        return fx.GraphModule(module, _Tracer().trace(module))
+        return fx.GraphModule(root, _Tracer().trace(root))
     except Exception:  # noqa: BLE001 - a module that does not trace on its own cannot be probed: not rewritable
         return None
 
@@ -114,6 +131,9 @@ def find_size_attr(owner: nn.Module, literal: int | list[int], cache: dict[Any, 
     for attr, scale in cands:
         old = getattr(owner, attr)
         probe = copy.copy(owner)  # shares submodules and weights; the attribute changes on the copy only
+        for k, v in vars(owner).items():  # a forward chosen at init (``self.forward = self.forward_split_cat``)
+            if isinstance(v, types.MethodType) and v.__self__ is owner:
+                object.__setattr__(probe, k, types.MethodType(v.__func__, probe))
         if is_list:
             object.__setattr__(probe, attr, type(old)(v + _DELTA for v in old))
             expected = ("seq", tuple(v + _DELTA for v in literal))
