@@ -480,6 +480,15 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _timm_section(path: Path) -> str:
+    """The timm section that benchmarks/timm_coverage.py keeps in the same file (kept when this table is rewritten)."""
+    begin, end = "<!-- timm-coverage:begin -->", "<!-- timm-coverage:end -->"
+    old = path.read_text() if path.exists() else ""
+    if begin not in old or end not in old:
+        return ""
+    return "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+
+
 def parent_main(args: argparse.Namespace) -> int:
     import torchvision
 
@@ -500,7 +509,7 @@ def parent_main(args: argparse.Namespace) -> int:
         old = json.loads(args.json.read_text())
         text = markdown(old["results"], old["meta"])
         if args.out:
-            args.out.write_text(text)
+            args.out.write_text(text + _timm_section(args.out))
         else:
             sys.stdout.write(text)
         return 0
@@ -559,7 +568,7 @@ def parent_main(args: argparse.Namespace) -> int:
     text = markdown(ordered, meta)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        args.out.write_text(text + _timm_section(args.out))
     else:
         sys.stdout.write(text)
     if args.json:
