@@ -202,11 +202,118 @@ class CustomAutograd(nn.Module):
         return self.head(self.c(_StraightThroughClamp.apply(self.b(self.a(x)))))
 
 
+class GhostSlice(nn.Module):
+    """GhostNet's module: a primary conv, a cheap depthwise conv on its output, their concat sliced back to
+    ``self.out_chs`` (odd here, so the slice cuts the last cheap channel and its bound must be rewritten), then a
+    second ghost module whose slice keeps the whole concat (nothing to rewrite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.primary, self.cheap = cbr(8, 8), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+        self.out_chs = 15
+        self.primary2, self.cheap2 = cbr(15, 8), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+        self.out_chs2 = 16
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x1 = self.primary(x)
+        y = torch.cat([x1, self.cheap(x1)], 1)[:, :self.out_chs]
+        x2 = self.primary2(y)
+        return self.head(torch.cat([x2, self.cheap2(x2)], 1)[:, :self.out_chs2, :, :])
+
+
+class MixedSplit(nn.Module):
+    """MixNet's ``MixedConv2d``: split at the stored ``self.splits``, a different conv per part, concatenate; and
+    FasterNet's partial conv: split at two stored ints, convolve only the first part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.splits = [6, 10]
+        self.convs = nn.ModuleList([nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(10, 10, 5, padding=2,
+                                                                                        groups=10)])
+        self.pw = cbr(16, 16)
+        self.dim_conv, self.dim_untouched = 4, 12
+        self.partial = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        parts = torch.split(x, self.splits, 1)
+        x = self.pw(torch.cat([c(parts[i]) for i, c in enumerate(self.convs)], 1))
+        a, b = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        return self.head(x + torch.cat([self.partial(a), b], 1))
+
+
+class Res2Split(nn.Module):
+    """Res2Net's hierarchical split by one stored width (``split(out, self.width)``), each part added to the
+    previous part's conv output; and CSPNet's split in halves of a stored ``expand_chs`` (``expand_chs // 2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 8
+        self.conv1 = cbr(3, 3 * 8)
+        self.convs = nn.ModuleList([cbr(8, 8), cbr(8, 8)])
+        self.conv3 = cbr(24, 16)
+        self.expand_chs = 16
+        self.blocks = cbr(8, 8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spx = torch.split(self.conv1(x), self.width, 1)
+        sp = self.convs[0](spx[0])
+        out = [sp]
+        sp = self.convs[1](sp + spx[1])
+        out += [sp, spx[2]]
+        x = self.conv3(torch.cat(out, 1))
+        xs, xb = x.split(self.expand_chs // 2, dim=1)
+        return self.head(torch.cat([xs, self.blocks(xb)], 1))
+
+
+class Scale(nn.Module):
+    """A MetaFormer layer scale: ``self.scale.view(self.shape)`` with the width stored in ``shape``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(self.shape)
+
+
+class PoolMixer(nn.Module):
+    """PoolFormer's attention-free token mixer (``pool(x) - x``) with layer scale, and SKNet's selective kernel:
+    two paths stacked, summed for the attention, softmax across the paths, weighted sum over the paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.ls = Scale(16)
+        self.paths = nn.ModuleList([cbr(16, 16), cbr(16, 16)])
+        self.fc_reduce, self.fc_select = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 32, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.ls(self.pool(x) - x)
+        x = torch.stack([p(x) for p in self.paths], dim=1)
+        a = F.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True)))
+        a = self.fc_select(a)
+        b, c, h, w = a.shape
+        a = torch.softmax(a.view(b, 2, c // 2, h, w), dim=1)
+        return self.head(torch.sum(x * a, dim=1))
+
+
 SHAPE = (1, 3, 16, 16)
 MODELS = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, Norms, ConvNeXtBlock, HardCodedView,
           CustomAutograd]
 # models whose every op is per-channel (no LayerNorm/GroupNorm mixing channels), for the silent-channel test
-PER_CHANNEL = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, HardCodedView, CustomAutograd]
+PER_CHANNEL = [Plain, Residual3, Concat, SplitShuffle, DepthwiseGrouped, SE, HardCodedView, CustomAutograd,
+               GhostSlice, MixedSplit, Res2Split, PoolMixer]
 
 
 def _trained_stats(model: nn.Module) -> nn.Module:
@@ -592,3 +699,81 @@ def test_global_scope_normalises_each_layer_before_ranking() -> None:
     c2.prepare(local, g2, ScoreContext())
     plan2 = select(g2, c2, PlanConfig(ratio=0.5))
     assert {plan2.width_after(n) for n in ("a.0", "b.0")} == {8}
+
+
+STORED_SIZES = {GhostSlice: {"out_chs"}, MixedSplit: {"splits", "dim_conv", "dim_untouched"},
+                Res2Split: {"width", "expand_chs"}, PoolMixer: {"ls.shape"}}
+
+
+@pytest.mark.parametrize("cls", list(STORED_SIZES), ids=lambda c: c.__name__)
+def test_stored_split_sizes_are_rewritten_and_replayed(cls: type) -> None:
+    model = _trained_stats(cls())
+    graph, plan = _removed(model, 0.5)
+    assert set(graph.skipped) == {"head.2"}, graph.skipped  # only the classifier is left alone
+    fresh = copy.deepcopy(model)
+    prune_channels(model, graph, plan)
+    sites = {(s.owner + "." if s.owner else "") + s.attr for s in graph.size_sites}
+    assert STORED_SIZES[cls] <= sites
+    # the rewritten sizes are the surviving widths: every part kept something and the forward runs
+    if cls is MixedSplit:
+        assert model.splits == [model.convs[0].out_channels, model.convs[1].out_channels]
+        assert model.dim_conv == model.partial.in_channels and model.dim_conv + model.dim_untouched == \
+            model.pw[0].out_channels
+    if cls is Res2Split:
+        assert model.width == model.convs[0][0].out_channels and model.conv1[0].out_channels == 3 * model.width
+        assert model.expand_chs == model.conv3[0].out_channels
+    if cls is GhostSlice:
+        assert model.out_chs2 == 16  # a whole-width slice is left as it is
+        assert model.out_chs == model.primary2[0].in_channels < 2 * model.primary[0].out_channels
+    # replaying the plan on a fresh model rewrites the same attributes the same way (what pruned.pt relies on)
+    replay(fresh, SHAPE, PrunePlan.from_json(plan.to_json()))
+    fresh.load_state_dict(model.state_dict())
+    for name in STORED_SIZES[cls]:
+        owner, _, attr = name.rpartition(".")
+        assert getattr(fresh.get_submodule(owner), attr) == getattr(model.get_submodule(owner), attr)
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+class LiteralNotStored(nn.Module):
+    """A slice bound that is a literal in the code, not a module attribute: nothing to rewrite, so protected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_chs = 12  # the same number, but the forward does not read it
+        self.a, self.b = cbr(3, 16), cbr(12, 16)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x)[:, :12]))
+
+
+def test_a_literal_the_module_does_not_store_stays_protected() -> None:
+    graph = analyze(_trained_stats(LiteralNotStored()), SHAPE)
+    assert "split or sliced" in graph.skipped["a.0"]
+    assert not graph.size_sites
+
+
+class NarrowBranchIntoResidual(nn.Module):
+    """Inception-ResNet: a concat of a 2-wide and a 14-wide branch added to a 16-wide residual stream, so the
+    branches' channels are classes of one wide group; no layer may lose every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.b1, self.b2 = nn.Conv2d(16, 2, 1), nn.Conv2d(16, 14, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + torch.cat([self.b1(x), self.b2(x)], 1))
+
+
+def test_no_layer_loses_every_channel() -> None:
+    for seed in range(12):
+        model = _trained_stats(NarrowBranchIntoResidual())
+        graph, plan = _removed(model, 0.85, seed=seed)
+        prune_channels(model, graph, plan)
+        assert model.b1.out_channels >= 1 and model.b2.out_channels >= 1
+        assert model.b1.out_channels + model.b2.out_channels == model.stem[0].out_channels == 2

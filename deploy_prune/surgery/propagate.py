@@ -662,7 +662,11 @@ class Propagator(fx.Interpreter):
             module = self.g.model.get_submodule(owner)
         except AttributeError:
             return None
-        found = find_size_attr(module, literal, self.size_cache)
+        node = self.node
+        inside = [n for n in self.g.gm.graph.nodes if n.op == node.op and n.target == node.target and (
+            not owner or any(str(v[0]) == owner or str(v[0]).startswith(owner + ".")
+                             for v in (n.meta.get("nn_module_stack") or {}).values()))]
+        found = find_size_attr(module, literal, (node.op, node.target, inside.index(node)), self.size_cache)
         if found is None:
             return None
         attr, scale = found

@@ -57,8 +57,8 @@ def _literal_key(v: Any) -> Any:
     return ("int", v) if type(v) is int else None
 
 
-def _literals(gm: fx.GraphModule) -> set[Any]:
-    """Every int, int sequence and slice bound written into the graph's op arguments."""
+def _literals(nodes: list[fx.Node]) -> set[Any]:
+    """Every int, int sequence and slice bound written into these nodes' arguments."""
     found: set[Any] = set()
 
     def visit(a: Any) -> None:
@@ -74,10 +74,15 @@ def _literals(gm: fx.GraphModule) -> set[Any]:
             for v in a:
                 visit(v)
 
-    for n in gm.graph.nodes:
+    for n in nodes:
         for a in (*n.args, *n.kwargs.values()):
             visit(a)
     return found
+
+
+def _nth(gm: fx.GraphModule, op: str, target: Any, k: int) -> list[fx.Node]:
+    same = [n for n in gm.graph.nodes if n.op == op and n.target == target]
+    return same[k:k + 1]
 
 
 class _Call(nn.Module):
@@ -102,17 +107,19 @@ def _trace(module: nn.Module) -> fx.GraphModule | None:
         return None
 
 
-def find_size_attr(owner: nn.Module, literal: int | list[int], cache: dict[Any, Any] | None = None
-                   ) -> tuple[str, int] | None:
+def find_size_attr(owner: nn.Module, literal: int | list[int], site: tuple[str, Any, int],
+                   cache: dict[Any, Any] | None = None) -> tuple[str, int] | None:
     """The attribute of ``owner`` that its forward turns into ``literal``, as ``(name, scale)`` with
     ``attribute == scale * literal``; None if there is no such attribute or more than one candidate follows it.
 
-    Candidates are the module's own int (or int list) attributes equal to ``literal`` (or, for an int, a small
-    multiple of it). Each is confirmed by tracing a shallow copy of ``owner`` with the attribute moved by a large
-    prime and finding the moved literal in the new graph; the model itself is never changed.
+    ``site`` is ``(op, target, k)``: the literal is an argument of the ``k``-th node with that op and target in
+    ``owner``'s forward. Candidates are the module's own int (or int list) attributes equal to ``literal`` (or,
+    for an int, a small multiple of it). Each is confirmed by tracing a shallow copy of ``owner`` with the
+    attribute moved by a large prime and finding the moved literal in that same node; the model itself is never
+    changed.
     """
     is_list = isinstance(literal, (list, tuple))
-    key = (id(owner), tuple(literal) if is_list else literal)
+    key = (id(owner), tuple(literal) if is_list else literal, site)
     if cache is not None and key in cache:
         return cache[key]
     cands: list[tuple[str, int]] = []
@@ -141,7 +148,7 @@ def find_size_attr(owner: nn.Module, literal: int | list[int], cache: dict[Any, 
             object.__setattr__(probe, attr, old + scale * _DELTA)
             expected = ("int", literal + _DELTA)
         gm = _trace(probe)
-        if gm is not None and expected in _literals(gm):
+        if gm is not None and expected in _literals(_nth(gm, *site)):
             confirmed.append((attr, scale))
     result = confirmed[0] if len(confirmed) == 1 else None
     if cache is not None:
