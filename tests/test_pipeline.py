@@ -121,13 +121,17 @@ def test_failed_run_leaves_nothing_and_force_replaces(tmp_path: Path, monkeypatc
     assert not (out / "old.txt").exists() and (out / "report.json").exists()
 
 
+# each criterion's own options only: an option meant for another criterion is refused (exit 2)
+_OWN_FLAGS = {"slimming": ["--sparsity-epochs", "1"], "apoz": ["--calib-batches", "2"],
+              "lottery": ["--lottery-rounds", "2", "--reinit-control"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["l1", "slimming", "fpgm", "apoz", "lottery", "random"])
 def test_every_criterion_runs_on_digits_and_reports_accuracy(criterion: str, tmp_path: Path) -> None:
     out = tmp_path / criterion
     args = ["run", "builtin:mnist_cnn", "--data", "mnist5k", "--criterion", criterion, "--epochs", "1",
-            "--bench-iters", "3", "--sparsity-epochs", "1", "--lottery-rounds", "2", "--calib-batches", "2",
-            *(["--reinit-control"] if criterion == "lottery" else []),
+            "--bench-iters", "3", *_OWN_FLAGS.get(criterion, []),
             "--out", str(out), "-q"]
     assert _cli(args) == 0
     report = _check_bundle(out)
@@ -172,3 +176,12 @@ def test_from_sensitivity_prunes_only_the_layers_it_allows(tmp_path: Path) -> No
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"layers": 3}))
     assert _cli(["run", "builtin:mnist_cnn", "--from-sensitivity", str(bad), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_an_option_of_another_criterion_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b"
+    assert _cli(["run", "builtin:mnist_cnn", "--criterion", "l1", "--sparsity-epochs", "1", "--no-finetune",
+                 "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--sparsity-epochs is for slimming" in err and err.count("\n") == 1
+    assert not out.exists()
