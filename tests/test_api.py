@@ -166,29 +166,36 @@ def _blocks(kind: str) -> list[str]:
     return re.findall(rf"```{kind}\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
-def test_the_examples_in_docs_api_md_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def _shell_run(block: str, capsys: pytest.CaptureFixture[str]) -> None:
     from deploy_prune.cli.main import main
 
-    monkeypatch.chdir(tmp_path)
-    python, shell = _blocks("python"), _blocks("bash")
-    assert len(python) == 2 and len(shell) == 2
+    argv = shlex.split(block.strip())
+    assert argv[0] == "deploy-prune"
+    with pytest.raises(SystemExit) as exc:
+        main(argv[1:])
+    assert exc.value.code in (0, None), capsys.readouterr().err
 
+
+def test_docs_api_md_example_1_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    python = _blocks("python")
+    assert len(python) == 2
     exec(compile(python[0], "docs/api.md#1", "exec"), {"__name__": "docs_api_1"})
     out = capsys.readouterr().out
     assert "faster on CPUExecutionProvider" in out and "parity max|diff|" in out
     assert (tmp_path / "dense.onnx").is_file() and (tmp_path / "model.onnx").is_file()
 
-    def shell_run(block: str) -> None:
-        argv = shlex.split(block.strip())
-        assert argv[0] == "deploy-prune"
-        with pytest.raises(SystemExit) as exc:
-            main(argv[1:])
-        assert exc.value.code in (0, None), capsys.readouterr().err
 
-    shell_run(shell[0])
+def test_docs_api_md_example_2_round_trip_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """prune with the CLI → the user's training loop on dp.load(pruned.pt) → run --ratio 0: export, verify, report."""
+    monkeypatch.chdir(tmp_path)
+    python, shell = _blocks("python"), _blocks("bash")
+    assert len(shell) == 2
+    _shell_run(shell[0], capsys)
     exec(compile(python[1], "docs/api.md#2", "exec"), {"__name__": "docs_api_2"})
-    shell_run(shell[1])
+    _shell_run(shell[1], capsys)
     report = json.loads((tmp_path / "final" / "report.json").read_text())
     first = json.loads((tmp_path / "bundle" / "report.json").read_text())
     structured = {v["kind"]: v for v in report["variants"]}["structured"]
