@@ -107,6 +107,8 @@ def build(*, spec: RunSpec, loaded: LoadedModel, shape: tuple[int, ...], pair: P
     }
     for m in made:
         report["notes"] += list(m.notes)
+        if m.parity.get("note"):  # e.g. a random-init network whose outputs vanish (judged relative to scale)
+            report["notes"].append(f"{m.kind} parity: {m.parity['note']}")
         if m.details:
             report.setdefault("variant_details", {})[m.kind] = m.details
     if spec.prune.layer_ratios:
