@@ -239,7 +239,7 @@ def test_removing_silent_channels_keeps_every_output_of_a_segmentation_model(nam
 
 @pytest.mark.slow
 def test_a_detector_backbone_with_fpn_prunes_exports_and_fits_back(tmp_path: Path) -> None:
-    name = "retinanet_resnet50_fpn"  # ResNet-50 + FPN + P6/P7: outputs of order 100 at random init
+    name = "retinanet_resnet50_fpn"  # ResNet-50 + FPN + P6/P7: outputs of order 0.1-100 at random init
     loaded = load_model(f"torchvision:detection.{name}.backbone")
     model, shape = loaded.model, (1, 3, 128, 128)
     with torch.no_grad():
@@ -250,7 +250,9 @@ def test_a_detector_backbone_with_fpn_prunes_exports_and_fits_back(tmp_path: Pat
     plan = select(graph, crit, PlanConfig(ratio=0.5, round_to=8))
     prune_channels(model, graph, plan)
     assert any(n.startswith("body.") for n in plan.kept)
-    assert not any(n.startswith("fpn.") for n in plan.kept)  # FPN out_channels stay what the heads read
+    # the FPN's outputs (its 3x3 output convs and P6/P7) keep out_channels, which the heads read; its lateral 1x1
+    # convs and top-down sum are internal to the backbone, so they may narrow
+    assert not any(n.startswith(("fpn.layer_blocks.", "fpn.extra_blocks.")) for n in plan.kept)
     with torch.no_grad():
         after = {k: v.shape for k, v in model(torch.randn(*shape)).items()}
     assert after == before and list(after) == ["0", "1", "2", "p6", "p7"]
@@ -258,7 +260,7 @@ def test_a_detector_backbone_with_fpn_prunes_exports_and_fits_back(tmp_path: Pat
     export_onnx(model, path, torch.randn(*shape))
     assert [o.name for o in onnx.load(str(path)).graph.output] == ["0", "1", "2", "p6", "p7"]
     res = parity(path, model, [torch.randn(*shape), torch.randn(2, *shape[1:])])
-    assert res["ok"] and res["ref_max_abs"] > 1.0, res
+    assert res["ok"] and res["ref_max_abs"] > 1e-2, res  # a real signal, judged per output
     det = dense_models.detector_with_backbone(name, model)
     with torch.no_grad():
         boxes = det([torch.rand(3, 128, 128)])[0]
