@@ -143,5 +143,9 @@ def detector_with_backbone(name: str, backbone: nn.Module, **detector_kwargs: An
     arch = name[len(DETECTION):] if name.startswith(DETECTION) else name
     arch = arch[: -len(BACKBONE)] if arch.endswith(BACKBONE) else arch
     det = _detector(arch, **detector_kwargs)
+    want, got = getattr(det.backbone, "out_channels", None), getattr(backbone, "out_channels", None)
+    if want is not None and got != want:
+        raise BadInput(f"the backbone's out_channels is {got}, but {arch}'s heads read {want}: pass the backbone "
+                       f"of {arch} (torchvision:{DETECTION}{arch}{BACKBONE}), pruned by deploy-prune")
     det.backbone = backbone
     return det

@@ -265,3 +265,25 @@ def test_a_detector_backbone_with_fpn_prunes_exports_and_fits_back(tmp_path: Pat
     with torch.no_grad():
         boxes = det([torch.rand(3, 128, 128)])[0]
     assert set(boxes) == {"boxes", "scores", "labels"}
+
+
+@pytest.mark.slow
+def test_a_whole_detector_exports_or_is_refused_with_the_exporters_reason(tmp_path: Path) -> None:
+    from deploy_prune.detector_export import export_detector
+
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    backbone = load_model(f"torchvision:detection.{name}.backbone").model
+    shape = (1, 3, 128, 128)
+    graph = analyze(backbone, shape)
+    crit = create("l1")
+    crit.prepare(backbone, graph, ScoreContext(seed=0))
+    prune_channels(backbone, graph, select(graph, crit, PlanConfig(ratio=0.5, round_to=8)))
+    det = dense_models.detector_with_backbone(name, backbone)
+    path = tmp_path / "detector.onnx"
+    try:
+        export_detector(det, path, (1, 3, 320, 320))
+    except BadInput as exc:  # torch 2.14: the dynamo exporter cannot trace NMS's data-dependent box count
+        assert "cannot be exported by torch.onnx's dynamo exporter (" in str(exc) and "dynamo=False" in str(exc)
+        assert not path.exists()
+    else:
+        assert [o.name for o in onnx.load(str(path)).graph.output] == ["boxes", "scores", "labels"]
