@@ -287,3 +287,31 @@ def test_a_whole_detector_exports_or_is_refused_with_the_exporters_reason(tmp_pa
         assert not path.exists()
     else:
         assert [o.name for o in onnx.load(str(path)).graph.output] == ["boxes", "scores", "labels"]
+
+
+def test_a_pruned_segmentation_model_with_its_aux_head_reloads_from_pruned_pt(tmp_path: Path) -> None:
+    import torchvision
+
+    from deploy_prune.loading import save_pruned
+
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model("deeplabv3_mobilenet_v3_large", weights=None, weights_backbone=None,
+                                       num_classes=3, aux_loss=True)
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    spec = "torchvision:segmentation.deeplabv3_mobilenet_v3_large"
+    model = load_model(spec, weights=str(tmp_path / "w.pt")).model
+    shape = (1, 3, 32, 32)
+    graph = analyze(model, shape)
+    assert {"classifier.4", "aux_classifier.4"} <= set(graph.skipped)  # both outputs' classes are protected
+    crit = create("l1")
+    crit.prepare(model, graph, ScoreContext(seed=0))
+    plan = select(graph, crit, PlanConfig(ratio=0.5, round_to=8))
+    prune_channels(model, graph, plan)
+    save_pruned(tmp_path / "pruned.pt", model, arch=spec, num_classes=3, input_shape=shape, plan=plan)
+    back = load_model(str(tmp_path / "pruned.pt")).model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want, got = model(x), back(x)
+    assert list(got) == ["out", "aux"] and got["aux"].shape == (2, 3, 32, 32)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
