@@ -42,8 +42,9 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 
 
 def _run_template(
-    model: Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME (pip install 'deploy-prune[timm]'), "
-                                              "builtin:NAME, or a .pt/.pth checkpoint "
+    model: Annotated[str, typer.Argument(help="torchvision:NAME, torchvision:segmentation.NAME, "
+                                              "torchvision:detection.NAME.backbone, timm:NAME (pip install "
+                                              "'deploy-prune[timm]'), builtin:NAME, or a .pt/.pth checkpoint "
                                               "(state_dict, {'arch','state_dict'} or a deploy-prune pruned.pt).")],
     criterion: Annotated[str, typer.Option(help="Criterion: " + "; ".join(
         f"{n}: {criteria.get(n).summary}" for n in criteria.names()) + ".")] = "l1",
