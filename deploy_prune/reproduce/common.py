@@ -49,6 +49,11 @@ class Context:
     progress: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
 
+    def seeds_for(self, name: str) -> list[int]:
+        """The seeds experiment ``name`` averages over: all of them, except that a quick run keeps one seed for
+        everything but the two experiments whose findings are stated over seeds (``criteria``, ``lottery``)."""
+        return self.seeds if not self.quick or name in ("criteria", "lottery") else self.seeds[:1]
+
     def settings(self, quick: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
         return dict(quick if self.quick else full)
 

@@ -35,7 +35,7 @@ def run(ctx: Context) -> dict[str, Any]:
     rows = []
     for ratio in s["ratios"]:
         for mode in MODES:
-            for seed in ctx.seeds:
+            for seed in ctx.seeds_for(NAME):
                 ctx.say(f"l1_modes: {mode} at ratio {ratio}, seed {seed}")
                 spec = PruneSpec(criterion="l1", options=L1Options(l1_mode=mode), ratio=ratio, round_to=1,
                                  max_layer_ratio=0.95, seed=seed)

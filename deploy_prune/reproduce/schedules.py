@@ -35,7 +35,7 @@ def run(ctx: Context) -> dict[str, Any]:
     rows = []
     for ratio in s["ratios"]:
         for schedule, steps, epochs in (("once", 1, total), ("iterative", s["steps"], s["epochs_per_step"])):
-            for seed in ctx.seeds:
+            for seed in ctx.seeds_for(NAME):
                 ctx.say(f"schedules: {schedule} to ratio {ratio}, seed {seed}")
                 spec = PruneSpec(criterion="l1", ratio=ratio, round_to=1, steps=steps, max_layer_ratio=0.95,
                                  seed=seed)

@@ -64,7 +64,7 @@ def _retrain(ctx: Context, model: Any, module: str, fraction: float, epochs: int
 def run(ctx: Context) -> dict[str, Any]:
     s = ctx.settings(QUICK, FULL)
     model = baseline_cnn(ctx)
-    seed = ctx.seeds[0]
+    seed = ctx.seeds_for(NAME)[0]
     crits: dict[str, Any] = {"smallest_l1": "l1", "random": "random", "largest_l1": LargestL1()}
     sweeps = {}
     for name, crit in crits.items():
