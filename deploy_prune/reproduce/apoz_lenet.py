@@ -130,11 +130,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def markdown(result: dict[str, Any]) -> list[str]:
     paper = PAPER["rows"]
     rows = []
-    for i, r in enumerate(result["rows"]):
-        pr = paper[i] if i < len(paper) else None
-        rows.append([r["config"], r["compression_rate"], r["initial_accuracy"], r["final_accuracy"],
-                     pr["config"] if pr else "-", pr["compression_rate"] if pr else "-",
-                     pr["initial_accuracy"] if pr else "-", pr["final_accuracy"] if pr else "-"])
+    ours = result["rows"]
+    for i in range(max(len(ours), len(paper))):
+        r = ours[i] if i < len(ours) else {}
+        pr = paper[i] if i < len(paper) else {}
+        rows.append([r.get("config"), r.get("compression_rate"), r.get("initial_accuracy"), r.get("final_accuracy"),
+                     pr.get("config"), pr.get("compression_rate"), pr.get("initial_accuracy"),
+                     pr.get("final_accuracy")])
     out = table(["config", "compression", "initial acc", "final acc", "paper config", "paper compression",
                  "paper initial", "paper final"], rows)
     if len(result["per_seed"]) > 1:
