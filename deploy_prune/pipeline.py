@@ -86,10 +86,13 @@ def load_inputs(spec: RunSpec) -> Inputs:
     loaded = load_model(m.spec, weights=m.weights, arch=m.arch, trust_pickle=m.trust_pickle, seed=spec.prune.seed)
     data = None
     if spec.data:
-        from deploy_prune.data import load_data
+        from deploy_prune.data import LoaderOptions, load_data
 
         data = load_data(spec.data, batch_size=spec.train.batch_size, seed=spec.prune.seed,
-                         input_shape=spec.input_shape)
+                         input_shape=spec.input_shape,
+                         options=LoaderOptions(workers=spec.workers, image_size=spec.image_size,
+                                               skip_bad_images=spec.skip_bad_images, progress=spec.progress))
+        loaded.notes.extend(data.notes)  # e.g. how many unreadable images were skipped (report notes)
     shape = tuple(spec.input_shape or (data.input_shape if data else None) or loaded.input_shape
                   or DEFAULT_INPUT_SHAPE)
     if data is not None and loaded.num_classes is not None and loaded.num_classes != data.num_classes:
