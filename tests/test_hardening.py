@@ -127,6 +127,7 @@ def test_run_with_a_zero_initialised_classifier_succeeds(tmp_path: Path, capsys:
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     assert all(v["parity"]["ok"] and v["parity"]["max_abs_diff"] == 0.0 for v in rep["variants"])
+    assert sum("parity was proven on the classifier's input" in n for n in rep["notes"]) == 3  # every variant
 
 
 def test_run_with_an_all_zero_model_says_why_and_asks_for_weights(tmp_path: Path,
