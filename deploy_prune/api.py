@@ -242,7 +242,7 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, p
             bad ``example_input``.
         DeployPruneError: the exporter failed (the message names the operation).
     """
-    from deploy_prune.export import cleanup_onnx, export_onnx, onnx_size, parity, sidecar_of
+    from deploy_prune.export import cleanup_onnx, export_onnx, onnx_size, parity, parity_failure, sidecar_of
     from deploy_prune.loading import check_finite
 
     model = _module(model)
@@ -258,8 +258,9 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, p
         cleanup = cleanup_onnx(work / "raw.onnx", work / dst.name)
         par = parity(work / dst.name, model, batches, provider=provider)
         if not par["ok"]:
-            raise ParityError(f"ONNX Runtime disagrees with PyTorch for {dst.name} (max|diff| "
-                              f"{par['max_abs_diff']:.3g}, rel {par['max_rel_diff']:.3g}); nothing was written")
+            disagrees, detail = parity_failure(par)
+            verb = "disagrees with" if disagrees else "could not be checked against"
+            raise ParityError(f"ONNX Runtime {verb} PyTorch for {dst.name} ({detail}); nothing was written")
         side = sidecar_of(work / dst.name)
         if side.exists():
             side.replace(sidecar_of(dst))

@@ -163,9 +163,11 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
     shutil.rmtree(raw, ignore_errors=True)
     bad = [m for m in made if not m.parity["ok"]]
     if bad:
-        detail = "; ".join(f"{m.kind}: max|diff| {m.parity['max_abs_diff']:.3g} (rel "
-                           f"{m.parity.get('max_rel_diff', 0):.3g})" for m in bad)
-        verb = "disagrees with" if any(m.parity["max_abs_diff"] > 0 for m in bad) else "could not be checked against"
+        from deploy_prune.export import parity_failure
+
+        failures = {m.kind: parity_failure(m.parity) for m in bad}
+        detail = "; ".join(f"{kind}: {text}" for kind, (_, text) in failures.items())
+        verb = "disagrees with" if any(d for d, _ in failures.values()) else "could not be checked against"
         raise ParityError(f"ONNX Runtime {verb} PyTorch for {', '.join(m.kind for m in bad)} ({detail}); "
                           "nothing was written")
     return made
