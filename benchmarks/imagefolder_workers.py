@@ -92,6 +92,7 @@ def main() -> None:
                     model.train()
                     s, n = epoch(loader, m, opt)
                     times.setdefault((what, w), []).append(s)
+                    print(f"  {what}, workers {w}: {s:.2f}s for {n} images", flush=True)
         print(f"\nimage size {args.image_size}, batch {args.batch_size}, median of {args.repeats} (interleaved):")
         print(f"{'what':<34} {'workers':>7} {'s/epoch':>9} {'img/s':>8} {'vs workers=' + str(settings[0]):>14}")
         for what in dict.fromkeys(k[0] for k in times):
