@@ -174,9 +174,9 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
         raise BadInput(f"{opt('ratio')}, {opt('target_speedup')} and {opt('target_latency')} exclude each other; "
                        "give one of them")
     if criterion == "lottery":
-        raise BadInput("lottery finds an unstructured ticket, not a channel plan, so prune() cannot return it: choose "
-                       f"{opt('criterion')} l1, slimming, fpgm, apoz or random, or compare tickets with the deploy-prune run "
-                       "command")
+        raise BadInput("lottery finds an unstructured ticket, not a channel plan, so prune() cannot return it: "
+                       f"choose {opt('criterion')} l1, slimming, fpgm, apoz or random, or compare tickets with the "
+                       "deploy-prune run command")
     options = criteria.make_options(criterion, dict(criterion_options))
     spec = PruneSpec(criterion=criterion, options=options, ratio=ratio,
                      target=Target(*targets[0]) if targets else None, round_to=round_to,
