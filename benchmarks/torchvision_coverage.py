@@ -481,12 +481,15 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def _timm_section(path: Path) -> str:
-    """The timm section that benchmarks/timm_coverage.py keeps in the same file (kept when this table is rewritten)."""
-    begin, end = "<!-- timm-coverage:begin -->", "<!-- timm-coverage:end -->"
+    """The sections that benchmarks/timm_coverage.py and dense_prediction_coverage.py keep in the same file (kept
+    when this table is rewritten)."""
     old = path.read_text() if path.exists() else ""
-    if begin not in old or end not in old:
-        return ""
-    return "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    kept = ""
+    for tag in ("timm-coverage", "dense-coverage"):
+        begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+        if begin in old and end in old:
+            kept += "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    return kept
 
 
 def parent_main(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from deploy_prune.errors import BadInput, DeployPruneError, opt
+from deploy_prune.outputs import named_outputs
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "export_onnx", "check_onnx", "cleanup_onnx", "parity"]
 
@@ -149,7 +150,8 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
 
     The model is exported in eval mode, on CPU, without gradients; its original device and train/eval mode
     are restored afterwards. The file has one input ``input`` (dim 0 named ``batch``) and one output
-    ``logits``. Weights are stored inline unless they exceed :data:`INLINE_LIMIT` bytes; then they go to
+    ``logits`` for a model that returns a tensor, or one output per key of a returned dict (per item of a
+    tuple/list: ``output_0``, ...; see :mod:`deploy_prune.outputs`). Weights are stored inline unless they exceed :data:`INLINE_LIMIT` bytes; then they go to
     one sidecar, :func:`sidecar_of` ``(path)``.
 
     Args:
@@ -195,13 +197,20 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, *, opset: i
     model.eval().cpu()
     log = io.StringIO()
     try:
+        with torch.no_grad():
+            names = [n for n, _ in named_outputs(model(example.detach().cpu()))]
+    except DeployPruneError:
+        model.to(device)
+        model.train(was_training)
+        raise
+    try:
         with _captured_output() as log, torch.no_grad():
             torch.onnx.export(
                 model,
                 (example.detach().cpu(),),
                 str(path),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=names,
                 opset_version=opset,
                 dynamic_shapes=dynamic_shapes,
                 external_data=external_data,
@@ -428,13 +437,9 @@ def _no_tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _as_numpy_list(out: Any) -> list[np.ndarray]:
-    """Flatten a model output (tensor, or tuple/list of tensors) to float64 numpy arrays."""
-    if isinstance(out, torch.Tensor):
-        return [out.detach().cpu().double().numpy()]
-    if isinstance(out, (tuple, list)):
-        return [a for o in out for a in _as_numpy_list(o)]
-    raise DeployPruneError(f"cannot compare a model output of type {type(out).__name__}; expected tensors")
+def _as_numpy_list(out: Any) -> list[tuple[str, np.ndarray]]:
+    """A model output (tensor, or dict/tuple/list of tensors) as (name, float64 array) pairs in export order."""
+    return [(n, t.detach().cpu().double().numpy()) for n, t in named_outputs(out)]
 
 
 def parity(
@@ -459,9 +464,14 @@ def parity(
         inputs: input batches; each is run through both.
         provider: ``"cpu"``, ``"cuda"`` or ``"auto"`` (see :func:`deploy_prune.bench.make_session`).
 
+    A model with several outputs (a dict, tuple or list of tensors) is compared output by output, each with
+    tolerances scaled to its own magnitude; an output that is identically zero on every input fails.
+
     Returns:
-        ``{"max_abs_diff": float, "max_rel_diff": float, "ok": bool, "ref_max_abs": float, "note": str|None}``
-        where ``max_rel_diff = max|Δ| / max|y_ref|`` (0 when both are 0, and finite otherwise).
+        ``{"max_abs_diff": float, "max_rel_diff": float, "ok": bool, "ref_max_abs": float, "note": str|None,
+        "outputs": {name: {"shape", "max_abs_diff", "ref_max_abs", "ok"}}}`` where ``max_rel_diff = max|Δ| /
+        max|y_ref|`` (0 when both are 0, and finite otherwise) and ``shape`` is the output's shape at the first
+        input.
 
     Raises:
         DeployPruneError: no inputs, or the outputs have different counts or shapes.
@@ -484,6 +494,7 @@ def parity(
     ref_max = 0.0
     ok = True
     head: dict[str, Any] | None = None
+    per: dict[str, dict[str, Any]] = {}  # output name -> its shape at the first input, max|diff|, max|y|
     try:
         with torch.no_grad(), _no_tf32():
             for x in inputs:
@@ -491,31 +502,45 @@ def parity(
                 got = session.run(None, {input_name: x.detach().cpu().numpy().astype(np.float32)})
                 if len(got) != len(ref):
                     raise DeployPruneError(f"{onnx_path}: ONNX gives {len(got)} outputs, PyTorch {len(ref)}")
-                for r, g in zip(ref, got):
+                for (name, r), g in zip(ref, got):
                     g = np.asarray(g, dtype=np.float64)
                     if g.shape != r.shape:
-                        raise DeployPruneError(f"{onnx_path}: output shape {g.shape} != PyTorch's {r.shape}")
+                        raise DeployPruneError(f"{onnx_path}: output {name!r} has shape {g.shape} in ONNX, "
+                                               f"{r.shape} in PyTorch")
                     if not np.all(np.isfinite(r)):
                         raise BadInput(f"{Path(onnx_path).name}: the PyTorch model's output holds NaN or infinite "
                                        f"values on a random input of shape {tuple(x.shape)}, so nothing can be "
                                        "verified: check its weights and normalisation layers")
                     scale = float(np.max(np.abs(r))) if r.size else 0.0
                     atol = _ATOL_FACTOR * scale
-                    ok &= bool(np.allclose(g, r, rtol=_RTOL, atol=atol))
-                    if r.size:
-                        diff = np.abs(g - r)
-                        max_abs = max(max_abs, float(np.max(diff)) if np.all(np.isfinite(diff)) else math.inf)
+                    close = bool(np.allclose(g, r, rtol=_RTOL, atol=atol))
+                    ok &= close
+                    d = np.abs(g - r)
+                    diff = (float(np.max(d)) if np.all(np.isfinite(d)) else math.inf) if r.size else 0.0
+                    max_abs = max(max_abs, diff)
                     ref_max = max(ref_max, scale)
+                    row = per.setdefault(name, {"shape": list(r.shape), "max_abs_diff": 0.0, "ref_max_abs": 0.0,
+                                                "ok": True})
+                    row["max_abs_diff"] = max(row["max_abs_diff"], diff)
+                    row["ref_max_abs"] = max(row["ref_max_abs"], scale)
+                    row["ok"] = row["ok"] and close
             head = _zero_output_probe(Path(onnx_path), model, inputs, provider) if ref_max == 0.0 else None
     finally:
         model.train(was_training)
 
     note = None
+    zero = [n for n, row in per.items() if row["ref_max_abs"] == 0.0]
     if head is not None:
         ok = ok and head["ok"]
         note = (f"the output is identically zero (the classifier '{head['layer']}' computes 0 for every input, "
                 "e.g. a zero-initialised head); parity was proven on the classifier's input instead: max|diff| "
                 f"{head['max_abs_diff']:.3g} (rel {head['max_rel_diff']:.3g})")
+    elif zero:
+        ok = False
+        for n in zero:
+            per[n]["ok"] = False
+        note = (f"output {zero[0]!r} is identically zero on every parity input, which proves nothing about it: "
+                "check the model and its inputs")
     elif ref_max < _TINY_OUTPUT:
         note = (f"reference output is near zero (max|y|={ref_max:.3g}); parity was judged relative to that "
                 "scale: verify with trained weights for outputs of order 1")
@@ -523,7 +548,8 @@ def parity(
         rel = 0.0
     else:
         rel = max_abs / max(ref_max, float(np.finfo(np.float32).tiny))
-    out = {"max_abs_diff": max_abs, "max_rel_diff": rel, "ok": bool(ok), "ref_max_abs": ref_max, "note": note}
+    out = {"max_abs_diff": max_abs, "max_rel_diff": rel, "ok": bool(ok), "ref_max_abs": ref_max, "note": note,
+           "outputs": per}
     if head is not None:
         out["head_input"] = head
     return out

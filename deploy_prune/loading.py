@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from deploy_prune import dense_models
 from deploy_prune import models as zoo
 from deploy_prune.errors import BadInput, DeployPruneError, opt
 from deploy_prune.spec import PrunePlan
@@ -90,13 +91,18 @@ def _build_timm(name: str, num_classes: int | None) -> tuple[nn.Module, tuple[in
     return model.eval(), ((1, *size) if size else None)
 
 
-def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
+def build_arch(arch: str, num_classes: int | None = None, *,
+               keys: Any = None) -> tuple[nn.Module, tuple[int, ...] | None]:
     """Build ``torchvision:NAME``, ``timm:NAME`` or ``builtin:NAME`` with random init; returns (model, known input
-    shape)."""
+    shape). ``torchvision:segmentation.NAME`` / ``torchvision:detection.NAME.backbone`` are built by
+    :mod:`deploy_prune.dense_models`; ``keys``, the keys of the state_dict about to be loaded, say whether a
+    segmentation model gets its auxiliary head."""
     kind, _, name = arch.partition(":")
     kw = {} if num_classes is None else {"num_classes": num_classes}
     if kind == "timm":
         return _build_timm(name, num_classes)
+    if kind == "torchvision" and dense_models.is_dense(name):
+        return dense_models.build(name, num_classes, keys), None
     if kind == "torchvision":
         import torchvision
 
@@ -104,6 +110,11 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tu
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            if name in dense_models.segmentation_names():
+                hint = f" (a segmentation model: use torchvision:{dense_models.SEGMENTATION}{name})"
+            elif name in dense_models.detection_names():
+                hint = (f" (a detector: prune its backbone with "
+                        f"torchvision:{dense_models.DETECTION}{name}{dense_models.BACKBONE})")
             raise BadInput(f"unknown torchvision classification model {name!r}{hint}; "
                            "`python -c 'import torchvision; print(torchvision.models.list_models())'` lists them")
         kwargs: dict[str, Any] = dict(kw, weights=None)
@@ -140,6 +151,8 @@ def _load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -
 def _classifier_width(sd: dict[str, torch.Tensor], arch: str | None = None) -> int | None:
     """The classifier's output width in the state_dict: for a timm ``arch``, the layer its config names as the
     classifier; otherwise the output width of the last 2-D weight (None if there is none)."""
+    if arch and arch.startswith("torchvision:") and dense_models.is_dense(arch.split(":", 1)[1]):
+        return dense_models.classes_of(arch.split(":", 1)[1], sd)
     if arch and arch.startswith("timm:"):
         try:
             cfg = _timm().models.get_pretrained_cfg(arch.split(":", 1)[1].split(".", 1)[0])
@@ -165,12 +178,14 @@ def match_arch(sd: dict[str, torch.Tensor]) -> str:
     """The one architecture whose parameter names and shapes match ``sd`` exactly (classifier width aside)."""
     ncls = _classifier_width(sd)
     candidates = [f"builtin:{n}" for n in zoo.names()] + [f"torchvision:{n}" for n in _torchvision_names()]
+    if any(k.startswith(("classifier.low_classifier.", "classifier.4.")) for k in sd):
+        candidates += [f"torchvision:{dense_models.SEGMENTATION}{n}" for n in dense_models.segmentation_names()]
     exact: list[str] = []
     scored: list[tuple[float, str]] = []
     for arch in candidates:
         try:
             with torch.device("meta"):
-                m, _ = build_arch(arch, ncls)
+                m, _ = build_arch(arch, _classifier_width(sd, arch) if "segmentation." in arch else ncls, keys=sd)
         except Exception:  # noqa: BLE001 - an arch that cannot take this num_classes is no match
             continue
         if _fits(m, sd):
@@ -255,8 +270,10 @@ def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickl
             sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
             if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
                 raise BadInput(f"{opt('weights')} {weights} is not a state_dict; save model.state_dict()")
+            if spec.startswith("torchvision:"):
+                sd = dense_models.adapt_state_dict(spec.split(":", 1)[1], sd)
             ncls = _classifier_width(sd, spec)
-        model, shape = build_arch(spec, ncls)
+        model, shape = build_arch(spec, ncls, keys=sd)
         notes = []
         if sd is not None:
             _load_state_dict(model, sd, f"{opt('weights')} {weights}")
@@ -289,7 +306,7 @@ def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickl
         arch = match_arch(obj)
         notes.append(f"architecture {arch} matched the state_dict's parameter names and shapes")
     ncls = _classifier_width(obj, arch)
-    model, shape = build_arch(arch, ncls)
+    model, shape = build_arch(arch, ncls, keys=obj)
     _load_state_dict(model, obj, path.name)
     return LoadedModel(model.eval(), arch, ncls, shape, notes)
 
@@ -299,7 +316,7 @@ def _load_bundle(obj: dict, path: Path, arch_flag: str | None) -> LoadedModel:
     if arch_flag and arch_flag != arch:
         raise BadInput(f"{path.name} records arch {arch}, but {opt('arch')} says {arch_flag}; drop {opt('arch')}")
     ncls = obj.get("num_classes")
-    model, shape = build_arch(arch, ncls)
+    model, shape = build_arch(arch, ncls, keys=obj["state_dict"])
     notes = [f"{path.name}: {arch} checkpoint"]
     plan = None
     if obj.get("plan") or obj.get("prune_plan"):

@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 
 from deploy_prune import variants as variants_mod
-from deploy_prune.errors import BadInput, ParityError, opt
+from deploy_prune.errors import BadInput, DeployPruneError, ParityError, opt
 from deploy_prune.loading import DEFAULT_INPUT_SHAPE, LoadedModel, load_model, save_pruned
 from deploy_prune.metrics import count_macs, count_nonzero, count_params
+from deploy_prune.outputs import LOGITS, named_outputs
 from deploy_prune.prune import PrunedPair, prune_pair
 from deploy_prune.spec import RunSpec
 from deploy_prune.target import Measure
@@ -95,11 +96,15 @@ def load_inputs(spec: RunSpec) -> Inputs:
         loaded.notes.extend(data.notes)  # e.g. how many unreadable images were skipped (report notes)
     shape = tuple(spec.input_shape or (data.input_shape if data else None) or loaded.input_shape
                   or DEFAULT_INPUT_SHAPE)
+    loaded.model.eval()
+    outs = check_runs(loaded.model, shape)
+    if data is not None and (len(outs) > 1 or outs[0][0] != LOGITS):
+        raise BadInput(f"{opt('data')} finetunes and scores a classifier, but the model returns "
+                       f"{', '.join(n for n, _ in outs)} rather than one logits tensor; drop {opt('data')} (the "
+                       "report then says accuracy is unknown) and finetune pruned.pt with your own recipe")
     if data is not None and loaded.num_classes is not None and loaded.num_classes != data.num_classes:
         raise BadInput(f"the model predicts {loaded.num_classes} classes but {opt('data')} {spec.data} has "
                        f"{data.num_classes}; finetune the classifier first or pass matching data")
-    loaded.model.eval()
-    check_runs(loaded.model, shape)
     return Inputs(loaded, data, shape)
 
 
@@ -161,6 +166,7 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
             made.append(Made(v.kind, v.file, d.params, d.nonzero_params, d.macs, onnx_size(path),
                              d.accuracy, d.parity, None, d.details, tuple(d.notes)))
     shutil.rmtree(raw, ignore_errors=True)
+    check_same_outputs(made)
     bad = [m for m in made if not m.parity["ok"]]
     if bad:
         from deploy_prune.export import parity_failure
@@ -171,6 +177,16 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
         raise ParityError(f"ONNX Runtime {verb} PyTorch for {', '.join(m.kind for m in bad)} ({detail}); "
                           "nothing was written")
     return made
+
+
+def check_same_outputs(made: list[Made]) -> None:
+    """Raise unless every variant's ONNX file has the same output names and shapes as the first (dense)."""
+    shapes = [(m.kind, {n: r["shape"] for n, r in m.parity["outputs"].items()}) for m in made
+              if m.parity.get("outputs")]
+    for kind, got in shapes[1:]:
+        if got != shapes[0][1]:
+            raise DeployPruneError(f"the {kind} model's outputs {got} differ from the {shapes[0][0]} model's "
+                                   f"{shapes[0][1]}: pruning changed an output width; nothing was written")
 
 
 def draw_plots(pair: PrunedPair, stage: Path) -> list[str]:
@@ -218,15 +234,17 @@ def check_out(out: Path, force: bool, inputs: list[str | None]) -> None:
                        "replace it")
 
 
-def check_runs(model: nn.Module, shape: tuple[int, ...]) -> None:
-    """Raise BadInput unless ``model`` runs on an input of ``shape``."""
+def check_runs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, torch.Tensor]]:
+    """Raise BadInput unless ``model`` runs on an input of ``shape`` and returns what deploy-prune can handle
+    (a tensor, or a dict/tuple/list of tensors); returns the named outputs."""
     try:
         with torch.no_grad():
-            model(torch.zeros(*shape))
+            out = model(torch.zeros(*shape))
     except Exception as exc:  # noqa: BLE001 - any failure here means the shape (or the model) is wrong
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"the model does not run on an input of shape {'x'.join(map(str, shape))} ({first}); "
                        f"pass the shape it expects with {opt('input_shape')}") from None
+    return named_outputs(out)  # anything but a tensor or a dict/tuple/list of tensors is a one-line BadInput
 
 
 @contextmanager

@@ -94,6 +94,7 @@ def build(*, spec: RunSpec, loaded: LoadedModel, shape: tuple[int, ...], pair: P
         "ratio": pair.ratio, "input_shape": list(shape), "environment": dict(environment),
         "variants": [_variant_row(m, bench, dense_p50) for m in made],
         "layers": structured.plan.layers(),
+        "outputs": _outputs(made),
         "arch": loaded.arch, "data": spec.data, "seed": spec.prune.seed, "round_to": spec.prune.round_to,
         "steps": spec.prune.steps, "epochs": epochs,
         "accuracy_before_finetune": {"structured": structured.accuracy_before_finetune,
@@ -106,6 +107,8 @@ def build(*, spec: RunSpec, loaded: LoadedModel, shape: tuple[int, ...], pair: P
     }
     for m in made:
         report["notes"] += list(m.notes)
+        if m.parity.get("note"):  # e.g. a random-init network whose outputs vanish (judged relative to scale)
+            report["notes"].append(f"{m.kind} parity: {m.parity['note']}")
         if m.details:
             report.setdefault("variant_details", {})[m.kind] = m.details
     if spec.prune.layer_ratios:
@@ -139,9 +142,22 @@ def _target_outcome(target: dict[str, Any], variants: list[dict[str, Any]]) -> d
             **{k: v for k, v in target.items() if k not in ("kind", "value")}}
 
 
+def _outputs(made: Sequence[Made]) -> list[dict[str, Any]]:
+    """Each model output's name and shape at the run's input shape (the same for every variant, as the
+    pipeline checks), from the first variant's parity run: ``[{"name": "out", "shape": [1, 21, 256, 256]}]``."""
+    for m in made:
+        if m.parity.get("outputs"):
+            return [{"name": n, "shape": list(r["shape"])} for n, r in m.parity["outputs"].items()]
+    return []
+
+
 def _variant_row(m: Made, bench: BenchResult, dense_p50: float) -> dict[str, Any]:
     st = bench.stats[m.kind]
-    parity = {"max_abs_diff": float(m.parity["max_abs_diff"]), "ok": bool(m.parity["ok"])}
+    parity: dict[str, Any] = {"max_abs_diff": float(m.parity["max_abs_diff"]), "ok": bool(m.parity["ok"])}
+    per = m.parity.get("outputs") or {}
+    if len(per) > 1:  # several outputs: each one's max|diff|, judged against its own scale
+        parity["outputs"] = {n: {"max_abs_diff": float(r["max_abs_diff"]), "ok": bool(r["ok"])}
+                             for n, r in per.items()}
     if "top1_agreement" in m.parity:
         parity["top1_agreement"] = float(m.parity["top1_agreement"])
     return {"kind": m.kind, "onnx": m.file, "params": m.params, "nonzero_params": m.nonzero_params,
@@ -467,6 +483,10 @@ def _markdown(
             f"| {_ms(lat['p99'])} | {_x(float(v['speedup_vs_dense']))} | {_accuracy(v['accuracy'])} "
             f"| {par['max_abs_diff']:.2e} | {'ok' if par['ok'] else '**FAILED**'} |"
         )
+    outs = report.get("outputs") or []
+    if len(outs) > 1 or (outs and outs[0].get("name") != "logits"):
+        lines += ["", "Outputs (the same names and shapes in every variant): " + ", ".join(
+            f"`{_md_escape(o['name'])}` {'x'.join(map(str, o['shape']))}" for o in outs) + "."]
     before_ft = opt("accuracy_before_finetune")
     if isinstance(before_ft, Mapping):
         shown = ", ".join(f"{k} {_accuracy(a)}" for k, a in before_ft.items() if a is not None)
