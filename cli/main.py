@@ -66,6 +66,14 @@ def _run_template(
                                                      "torchvision/builtin ones are guessed if omitted.")] = None,
     data: Annotated[Optional[str], typer.Option(help="mnist5k (embedded digits) or imagefolder:DIR "
                                                      "(DIR/train, DIR/val). Without it: no finetuning, accuracy unknown.")] = None,
+    workers: Annotated[int, typer.Option(help="imagefolder: DataLoader worker processes decoding images "
+                                              "(0 = in the main process; docs/data.md).")] = 0,
+    image_size: Annotated[Optional[int], typer.Option(help="imagefolder: square crop size (training "
+                                                           "RandomResizedCrop, evaluation resize + centre crop); "
+                                                           "sets the input shape's H and W. Default 224.")] = None,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="imagefolder: skip unreadable images "
+                                                                             "(the report counts them) instead of "
+                                                                             "failing.")] = False,
     epochs: Annotated[int, typer.Option(help="Finetune epochs after pruning (per step).")] = 3,
     no_finetune: Annotated[bool, typer.Option("--no-finetune", help="Skip finetuning (same as --epochs 0).")] = False,
     input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224 (default: from the data or the "
@@ -180,7 +188,8 @@ def _run_spec(kw: dict[str, Any]) -> Any:
         prune=prune,
         train=TrainSpec(epochs=0 if kw["no_finetune"] else kw["epochs"], lr=kw["lr"], batch_size=kw["batch_size"]),
         bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"]),
-        data=kw["data"], input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
+        data=kw["data"], workers=kw["workers"], image_size=kw["image_size"], skip_bad_images=kw["skip_bad_images"],
+        input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
         variants=tuple(k for k in variants.optional_kinds() if kw.get(k)), variant_options=_variant_options(kw),
         progress=not kw["quiet"])
 

@@ -87,10 +87,13 @@ def load_inputs(spec: RunSpec) -> Inputs:
     loaded = load_model(m.spec, weights=m.weights, arch=m.arch, trust_pickle=m.trust_pickle, seed=spec.prune.seed)
     data = None
     if spec.data:
-        from deploy_prune.data import load_data
+        from deploy_prune.data import LoaderOptions, load_data
 
         data = load_data(spec.data, batch_size=spec.train.batch_size, seed=spec.prune.seed,
-                         input_shape=spec.input_shape)
+                         input_shape=spec.input_shape,
+                         options=LoaderOptions(workers=spec.workers, image_size=spec.image_size,
+                                               skip_bad_images=spec.skip_bad_images, progress=spec.progress))
+        loaded.notes.extend(data.notes)  # e.g. how many unreadable images were skipped (report notes)
     shape = tuple(spec.input_shape or (data.input_shape if data else None) or loaded.input_shape
                   or DEFAULT_INPUT_SHAPE)
     loaded.model.eval()
@@ -150,8 +153,10 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
             export_onnx(m, raw / v.file, batches[0])
             cleanup = cleanup_onnx(raw / v.file, path)
             acc = known[v.kind] if v.kind in known else trainer.accuracy(m)
+            par = parity(path, m, batches)
             made.append(Made(v.kind, v.file, count_params(m), count_nonzero(m), count_macs(m, inputs.shape),
-                             onnx_size(path), acc, parity(path, m, batches), cleanup))
+                             onnx_size(path), acc, par, cleanup,
+                             notes=(f"{v.kind} parity: {par['note']}",) if par.get("note") else ()))
         else:
             assert v.derive is not None and v.source is not None
             ctx = variants_mod.DeriveContext(stage / variants_mod.get(v.source).file, path, modules[v.source],
@@ -164,9 +169,11 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
     check_same_outputs(made)
     bad = [m for m in made if not m.parity["ok"]]
     if bad:
-        detail = "; ".join(f"{m.kind}: max|diff| {m.parity['max_abs_diff']:.3g} (rel "
-                           f"{m.parity.get('max_rel_diff', 0):.3g})" for m in bad)
-        verb = "disagrees with" if any(m.parity["max_abs_diff"] > 0 for m in bad) else "could not be checked against"
+        from deploy_prune.export import parity_failure
+
+        failures = {m.kind: parity_failure(m.parity) for m in bad}
+        detail = "; ".join(f"{kind}: {text}" for kind, (_, text) in failures.items())
+        verb = "disagrees with" if any(d for d, _ in failures.values()) else "could not be checked against"
         raise ParityError(f"ONNX Runtime {verb} PyTorch for {', '.join(m.kind for m in bad)} ({detail}); "
                           "nothing was written")
     return made

@@ -272,6 +272,9 @@ class RunSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
     data: str | None = None
+    workers: int = 0  # imagefolder: DataLoader worker processes
+    image_size: int | None = None  # imagefolder: square crop size (sets the input shape's H and W)
+    skip_bad_images: bool = False  # imagefolder: skip and count unreadable images instead of failing
     input_shape: tuple[int, ...] | None = None
     out: Path = Path("deploy-prune-out")
     force: bool = False
@@ -296,6 +299,11 @@ class RunSpec:
             raise BadInput(f"options were given for the {stray[0]} variant, which this run does not make: add "
                            f"{opt(stray[0])} or drop them")
         object.__setattr__(self, "variant_options", MappingProxyType(options))
+        if self.workers < 0:
+            raise BadInput(f"{opt('workers')} must be >= 0 (0 decodes images in the main process)")
+        if self.image_size is not None and not (self.data or "").lower().startswith("imagefolder:"):
+            raise BadInput(f"{opt('image_size')} sets the crop of imagefolder data: pass {opt('data')} "
+                           f"imagefolder:DIR, or {opt('input_shape')} for the model's input")
         if self.prune.needs_data and not self.data:
             from deploy_prune import criteria
 
