@@ -101,6 +101,8 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         widths_before = sum(graph.layer_widths().values())
         prune_channels(model, graph, step_plan)
         plan = step_plan if plan is None else plan.then(step_plan)
+        if finetune:  # BatchNorm statistics of the narrowed network, before it is evaluated (EagleEye)
+            trainer.recalibrate(model, f"structured step {step + 1}")
         acc = trainer.accuracy(model) if finetune else None
         if step == 0:
             first, skipped, acc_before = ctx, dict(graph.skipped), acc
@@ -133,6 +135,7 @@ def structured_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
     say(f"unstructured: magnitude masks to {target:,} non-zero weights")
     unstructured = copy.deepcopy(dense)
     mask_to_nonzero(unstructured, target)  # live masks: finetuning cannot revive a pruned weight
+    trainer.recalibrate(unstructured, "unstructured masks")
     before = trainer.accuracy(unstructured)
     trainer.finetune(unstructured, "finetune unstructured")
     make_permanent(unstructured)
@@ -207,6 +210,9 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
     ticket_nonzero = count_nonzero(ticket)
     info["ticket_accuracy"] = trainer.accuracy(ticket)
     mask_to_nonzero(ticket, count_nonzero(structured.model))
+    # the trim is a surgery after training: re-estimate BN here. Not inside find_ticket's rounds: each round
+    # rewinds to theta_0 (BatchNorm buffers included) and then trains, which re-estimates them anyway.
+    trainer.recalibrate(ticket, "ticket trimmed to the structured count")
     before = trainer.accuracy(ticket)
     trainer.finetune(ticket, "finetune trimmed ticket")
     make_permanent(ticket)
@@ -240,6 +246,7 @@ def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], traine
         spec, extra["round_to_auto"] = resolve_round_to(dense, spec, shape, measure, say)
     pair = PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say, measure)
     pair.report.update(extra)
+    pair.report.update(trainer.report())
     if pair.structured.target is not None:
         pair.report["target"] = pair.structured.target.report()
     pair.report["round_to"] = spec.round_to
