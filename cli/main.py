@@ -107,7 +107,7 @@ def _run_template(
     = False,
     distill_temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 4.0,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation term: loss = alpha*T^2*KL + "
-                                                      "(1-alpha)*cross-entropy.")] = 0.9,
+                                                      "(1-alpha)*cross-entropy.")] = 0.5,
     bn_recalib_batches: Annotated[int, typer.Option(help="After every surgery, re-estimate BatchNorm running "
                                                          "statistics on N training batches (no gradient steps; "
                                                          "EagleEye's adaptive BN) before the model is evaluated "

@@ -61,9 +61,13 @@ class PrunedPair:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _plan_config(spec: PruneSpec, ratio: float) -> PlanConfig:
+def _plan_config(spec: PruneSpec, ratio: float, crit: Any = None) -> PlanConfig:
     assert isinstance(spec.round_to, int), "round_to auto is resolved in prune_pair"
-    return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=spec.max_layer_ratio,
+    # a criterion may limit each step further (slimming: Liu et al.'s "at most 50% of any layer" per pass);
+    # with a latency target the search owns the widths, so only --max-layer-ratio applies
+    cap = getattr(crit, "step_layer_cap", None) if spec.target is None else None
+    limit = min(spec.max_layer_ratio, cap) if cap is not None else spec.max_layer_ratio
+    return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=limit,
                       layer_ratios=dict(spec.layer_ratios), scope=spec.scope)
 
 
@@ -90,7 +94,7 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         crit = criteria.create(spec.criterion, spec.options)
         ctx = criteria.ScoreContext(data=trainer.data, seed=spec.seed + step, progress=trainer.progress)
         crit.prepare(model, graph, ctx)
-        cfg = _plan_config(spec, 1 - step_keep)
+        cfg = _plan_config(spec, 1 - step_keep, crit)
         if spec.target is not None:
             assert measure is not None
             if found is None:

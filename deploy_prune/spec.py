@@ -258,7 +258,7 @@ class TrainSpec:
     warmup_epochs: float = 0.3
     distill: bool = True
     distill_temperature: float = 4.0
-    distill_alpha: float = 0.9
+    distill_alpha: float = 0.5
     bn_recalib_batches: int = 50
 
     def __post_init__(self) -> None:

@@ -33,7 +33,7 @@ CASES: dict[str, list[str]] = {
     "random_cnn_seed3": ["builtin:mnist_cnn", "--no-finetune", "--criterion", "random", "--seed", "3",
                          "--round-to", "4"],
     "slimming_cnn_data": ["builtin:mnist_cnn", "--criterion", "slimming", "--data", "mnist5k", "--epochs", "1",
-                          "--sparsity-epochs", "1"],
+                          "--sparsity-epochs", "1", "--slimming-max-layer-ratio", "1"],
     "apoz_cnn_steps2": ["builtin:mnist_cnn", "--criterion", "apoz", "--data", "mnist5k", "--epochs", "1",
                         "--steps", "2", "--ratio", "0.6"],
     "l1_greedy_cnn_data": ["builtin:mnist_cnn", "--data", "mnist5k", "--epochs", "1", "--l1-mode", "greedy"],

@@ -192,3 +192,26 @@ def test_bad_optimizer_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --optimizer 'lion'")
     assert not (tmp_path / "x").exists()
+
+
+def test_slimming_caps_each_layer_per_step_and_moves_the_quota_elsewhere(digits) -> None:
+    """The shipped gammas of the last layer all exceed every other layer's (docs/criteria.md), so an uncapped
+    global threshold cuts the first four layers to 8 channels and leaves the last whole; Liu et al.'s
+    multi-pass limit (at most half of a layer per pass) spreads the same 160 channels over all layers."""
+    from deploy_prune.criteria.slimming import SlimmingOptions
+    from deploy_prune.prune import prune_structured
+    from deploy_prune.spec import PruneSpec
+    from deploy_prune.train import Trainer
+
+    dense, _ = digits
+    no_data = Trainer(None, TrainSpec(), 0, False)
+
+    def widths(**kw: float) -> list[int]:
+        spec = PruneSpec(criterion="slimming", ratio=0.5, options=SlimmingOptions(**kw))
+        plan = prune_structured(copy.deepcopy(dense), spec, (1, 1, 28, 28), no_data, finetune=False).plan
+        return [plan.width_after(n) for n in ("0", "3", "7", "10", "14")]
+
+    assert widths(slimming_max_layer_ratio=1.0) == [8, 8, 8, 8, 128]  # --max-layer-ratio 0.9 and round-to 8 only
+    capped = widths()
+    assert capped == [16, 16, 32, 32, 64]
+    assert 320 - sum(capped) == int(320 * 0.5)  # the global quota is still met

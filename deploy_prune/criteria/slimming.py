@@ -90,6 +90,10 @@ class SlimmingOptions(CriterionOptions):
     sparsity_epochs: int = option(2, "slimming: sparsity-training epochs (needs --data).", minimum=0, integer=True)
     sparsity_lr: float = option(0.01, "slimming: learning rate of the sparsity training (SGD, momentum 0.9).",
                                 minimum=0.0)
+    slimming_max_layer_ratio: float = option(
+        0.5, "slimming: never remove more than this fraction of one layer in one step (Liu et al.'s multi-pass "
+        "limit); the global threshold's quota then goes to other layers. 1 = only --max-layer-ratio.",
+        minimum=0.0)
 
 
 @register
@@ -101,6 +105,11 @@ class SlimmingCriterion(BaseCriterion):
     scope: ClassVar[str] = "global"
     Options = SlimmingOptions
     options: SlimmingOptions
+
+    @property
+    def step_layer_cap(self) -> float:
+        """The planner's per-step, per-layer limit for this criterion (``slimming_max_layer_ratio``)."""
+        return self.options.slimming_max_layer_ratio
 
     def prepare(self, model: nn.Module, graph: DependencyGraph, ctx: ScoreContext) -> None:
         o = self.options

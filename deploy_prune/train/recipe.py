@@ -36,7 +36,7 @@ SCHEDULES = ("cosine", "constant")
 DEFAULT_LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2}
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "adam": 0.0, "sgd": 1e-4}
 DEFAULT_TEMPERATURE = 4.0
-DEFAULT_ALPHA = 0.9
+DEFAULT_ALPHA = 0.5
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
