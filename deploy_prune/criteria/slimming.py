@@ -5,7 +5,12 @@
 scales it, and channels are ranked against **one global threshold** over all layers (scope ``"global"``: the
 planner concatenates all scores and removes the lowest ``ratio``; a layer never drops below
 ``1 - max_layer_ratio`` of its width, which guards against the paper's "a global threshold can empty a
-layer" failure).
+layer" failure). By default no layer loses more than half its channels in one step
+(``slimming_max_layer_ratio`` 0.5, the paper's multi-pass limit "at most 50% of any layer"); the planner
+then passes over a capped layer's channels and takes the next-lowest gammas elsewhere, so the global quota is
+still met. Without the cap, the gammas of a model that was not sparsity-trained from scratch decide by layer
+scale rather than channel importance: on ``mnist_cnn`` every gamma of the last layer exceeds every gamma of
+the other four, and the threshold cut those four to 8 channels (91.9% vs 97.1% dense; docs/criteria.md).
 
 * Several BatchNorms on one channel (a residual stage: every block's last BN and the shortcut's BN scale the
   same channel): the score is the **max** of their ``|gamma|``, so a channel is pruned only when every path
