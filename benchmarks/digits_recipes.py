@@ -49,21 +49,37 @@ OLD_RECIPE = ["--no-distill", "--bn-recalib-batches", "0", "--optimizer", "adam"
 LOCK = "/tmp/deploy-prune-bench.lock"
 
 
+LOCK_WAIT_S = [None]  # --lock-wait: give up waiting after this many seconds and run anyway (recorded)
+UNLOCKED: list[str] = []  # what ran without the lock
+
+
 @contextlib.contextmanager
-def bench_lock() -> Iterator[None]:
+def bench_lock(what: str = "") -> Iterator[None]:
     with open(LOCK, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        t0, held = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if LOCK_WAIT_S[0] is not None and time.monotonic() - t0 > LOCK_WAIT_S[0]:
+                    UNLOCKED.append(what)
+                    print(f"  lock not free after {LOCK_WAIT_S[0]} s: running {what} without it", file=sys.stderr)
+                    break
+                time.sleep(2)
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def cli(args: list[str], out: Path, timeout: int, lock: bool = False) -> dict[str, Any]:
     """Run deploy-prune with ``args`` into ``out``; the report (plus wall time) or the error. ``lock``: the run's
     timings are used (a latency target), so it holds the benchmark lock."""
     t0 = time.perf_counter()
-    with bench_lock() if lock else contextlib.nullcontext():
+    with bench_lock(" ".join(args)) if lock else contextlib.nullcontext():
         proc = subprocess.run(DEPLOY_PRUNE + BASE + args + ["--out", str(out)], capture_output=True, text=True,
                               timeout=timeout)
     wall = round(time.perf_counter() - t0, 1)
@@ -117,7 +133,7 @@ def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, A
         return models[r]
 
     def speeds(files: dict[str, Path], iters: int) -> dict[str, float]:
-        with bench_lock():
+        with bench_lock(f"torch-pruning timing ({bundle.name})"):
             res = benchmark({"dense": bundle / "dense.onnx", **files}, shape, iters=iters, progress=False)
         d = res.stats["dense"].p50
         return {k: d / res.stats[k].p50 for k in files}
@@ -200,7 +216,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--work", type=Path, default=None, help="keep the bundles here (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--lock-wait", type=float, default=None,
+                    help="stop waiting for the benchmark lock after this many seconds and run anyway; the "
+                         "result's `unlocked` lists what ran without it (default: wait)")
     args = ap.parse_args()
+    LOCK_WAIT_S[0] = args.lock_wait
     parts = set(args.parts.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="digits-recipes-"))
@@ -210,6 +230,7 @@ def main() -> None:
     it = ["--bench-iters", str(args.bench_iters)]
 
     def save() -> None:
+        res["unlocked"] = UNLOCKED
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))
 
