@@ -99,8 +99,30 @@ def _run_template(
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
-    lr: Annotated[Optional[float], typer.Option(help="Finetune learning rate (Adam; default 1e-3).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size for finetuning and evaluation.")] = 64,
+    lr: Annotated[Optional[float], typer.Option(help="Finetune base learning rate (default 1e-3 for adamw and "
+                                                     "adam, 1e-2 for sgd).")] = None,
+    optimizer: Annotated[str, typer.Option(help="Finetune optimizer: adamw (decoupled weight decay), adam, or sgd "
+                                                "(momentum 0.9). Weight decay never applies to biases or norm "
+                                                "parameters.")] = "adamw",
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay on conv/linear weights (default "
+                                                               "1e-2 adamw, 0 adam, 1e-4 sgd).")] = None,
+    lr_schedule: Annotated[str, typer.Option(help="cosine: decay the LR to 0 over each finetuning run (after the "
+                                                  "warm-up); constant: keep it.")] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option(help="Linear LR warm-up at the start of each finetuning run, in "
+                                                      "epochs (at most half the run; 0 = none).")] = 0.3,
+    no_distill: Annotated[bool, typer.Option("--no-distill", help="Finetune on the labels only. By default, "
+                                             "with --data, the pruned models also learn the dense model's "
+                                             "softened outputs (knowledge distillation, Hinton et al. 2015).")]
+    = False,
+    distill_temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 4.0,
+    distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation term: loss = alpha*T^2*KL + "
+                                                      "(1-alpha)*cross-entropy.")] = 0.5,
+    bn_recalib_batches: Annotated[int, typer.Option(help="After every surgery, re-estimate BatchNorm running "
+                                                         "statistics on N training batches (no gradient steps; "
+                                                         "EagleEye's adaptive BN) before the model is evaluated "
+                                                         "or finetuned. 0 = off; skipped without --data.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Batch size for finetuning, evaluation and BatchNorm "
+                                                 "re-estimation.")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """The fixed options of `run` (the criterion options and optional variants are added from the registries)."""
@@ -186,7 +208,11 @@ def _run_spec(kw: dict[str, Any]) -> Any:
     return RunSpec(
         model=ModelSource(spec=kw["model"], weights=kw["weights"], arch=kw["arch"], trust_pickle=kw["trust_pickle"]),
         prune=prune,
-        train=TrainSpec(epochs=0 if kw["no_finetune"] else kw["epochs"], lr=kw["lr"], batch_size=kw["batch_size"]),
+        train=TrainSpec(epochs=0 if kw["no_finetune"] else kw["epochs"], lr=kw["lr"], batch_size=kw["batch_size"],
+                        optimizer=kw["optimizer"], weight_decay=kw["weight_decay"], lr_schedule=kw["lr_schedule"],
+                        warmup_epochs=kw["warmup_epochs"], distill=not kw["no_distill"],
+                        distill_temperature=kw["distill_temperature"], distill_alpha=kw["distill_alpha"],
+                        bn_recalib_batches=kw["bn_recalib_batches"]),
         bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"]),
         data=kw["data"], workers=kw["workers"], image_size=kw["image_size"], skip_bad_images=kw["skip_bad_images"],
         input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],

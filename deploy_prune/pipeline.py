@@ -43,8 +43,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     say(f"loaded {spec.model.spec}" + (f" and {spec.data}" if spec.data else ""))
     for n in inputs.loaded.notes:
         say.note(n)
-    trainer = Trainer(inputs.data, spec.train, spec.prune.seed, spec.progress)
     dense = inputs.loaded.model
+    trainer = Trainer(inputs.data, spec.train, spec.prune.seed, spec.progress, teacher=dense)
     known = {"dense": trainer.accuracy(dense)}
     if known["dense"] is not None:
         say.note(f"dense accuracy: {known['dense']:.2f}%")

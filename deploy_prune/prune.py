@@ -61,9 +61,13 @@ class PrunedPair:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _plan_config(spec: PruneSpec, ratio: float) -> PlanConfig:
+def _plan_config(spec: PruneSpec, ratio: float, crit: Any = None) -> PlanConfig:
     assert isinstance(spec.round_to, int), "round_to auto is resolved in prune_pair"
-    return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=spec.max_layer_ratio,
+    # a criterion may limit each step further (slimming: Liu et al.'s "at most 50% of any layer" per pass);
+    # with a latency target the search owns the widths, so only --max-layer-ratio applies
+    cap = getattr(crit, "step_layer_cap", None) if spec.target is None else None
+    limit = min(spec.max_layer_ratio, cap) if cap is not None else spec.max_layer_ratio
+    return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=limit,
                       layer_ratios=dict(spec.layer_ratios), scope=spec.scope)
 
 
@@ -90,7 +94,7 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         crit = criteria.create(spec.criterion, spec.options)
         ctx = criteria.ScoreContext(data=trainer.data, seed=spec.seed + step, progress=trainer.progress)
         crit.prepare(model, graph, ctx)
-        cfg = _plan_config(spec, 1 - step_keep)
+        cfg = _plan_config(spec, 1 - step_keep, crit)
         if spec.target is not None:
             assert measure is not None
             if found is None:
@@ -101,6 +105,8 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         widths_before = sum(graph.layer_widths().values())
         prune_channels(model, graph, step_plan)
         plan = step_plan if plan is None else plan.then(step_plan)
+        if finetune:  # BatchNorm statistics of the narrowed network, before it is evaluated (EagleEye)
+            trainer.recalibrate(model, f"structured step {step + 1}")
         acc = trainer.accuracy(model) if finetune else None
         if step == 0:
             first, skipped, acc_before = ctx, dict(graph.skipped), acc
@@ -133,6 +139,7 @@ def structured_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
     say(f"unstructured: magnitude masks to {target:,} non-zero weights")
     unstructured = copy.deepcopy(dense)
     mask_to_nonzero(unstructured, target)  # live masks: finetuning cannot revive a pruned weight
+    trainer.recalibrate(unstructured, "unstructured masks")
     before = trainer.accuracy(unstructured)
     trainer.finetune(unstructured, "finetune unstructured")
     make_permanent(unstructured)
@@ -207,6 +214,9 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
     ticket_nonzero = count_nonzero(ticket)
     info["ticket_accuracy"] = trainer.accuracy(ticket)
     mask_to_nonzero(ticket, count_nonzero(structured.model))
+    # the trim is a surgery after training: re-estimate BN here. Not inside find_ticket's rounds: each round
+    # rewinds to theta_0 (BatchNorm buffers included) and then trains, which re-estimates them anyway.
+    trainer.recalibrate(ticket, "ticket trimmed to the structured count")
     before = trainer.accuracy(ticket)
     trainer.finetune(ticket, "finetune trimmed ticket")
     make_permanent(ticket)
@@ -240,6 +250,7 @@ def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], traine
         spec, extra["round_to_auto"] = resolve_round_to(dense, spec, shape, measure, say)
     pair = PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say, measure)
     pair.report.update(extra)
+    pair.report.update(trainer.report())
     if pair.structured.target is not None:
         pair.report["target"] = pair.structured.target.report()
     pair.report["round_to"] = spec.round_to

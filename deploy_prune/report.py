@@ -434,6 +434,31 @@ def _target_rows(report: Mapping[str, Any]) -> list[str]:
     return lines + _table(probes) if probes else lines
 
 
+def _recipe_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line each on BatchNorm re-estimation and the finetuning recipe (or why they were skipped)."""
+    out = []
+    bn = report.get("bn_recalibration")
+    if isinstance(bn, Mapping):
+        if bn.get("done"):
+            where = ", ".join(str(d.get("after")) for d in bn["done"])
+            out.append(f"BatchNorm statistics re-estimated on {bn['done'][0].get('images')} training images "
+                       f"({bn.get('batches')} batches) after: {where}; accuracy before finetuning is measured after it.")
+        elif bn.get("skipped"):
+            out.append(f"BatchNorm re-estimation skipped ({bn['skipped']}).")
+    ft = report.get("finetune")
+    if isinstance(ft, Mapping):
+        kd = ft.get("distillation") or {}
+        if ft.get("skipped"):
+            out.append(f"Finetuning skipped ({ft['skipped']}).")
+        else:
+            distil = (f"distillation from dense (T={kd.get('temperature')}, alpha={kd.get('alpha')})"
+                      if "temperature" in kd else f"no distillation ({kd.get('skipped')})")
+            out.append(f"Finetuning: {ft.get('epochs')} epochs, {ft.get('optimizer')} lr {ft.get('lr')} "
+                       f"(weight decay {ft.get('weight_decay')} on conv/linear weights only), {ft.get('schedule')} "
+                       f"schedule with {ft.get('warmup_epochs')} warm-up epochs, {distil}.")
+    return ["", *out] if out else []
+
+
 def _schedule_rows(report: Mapping[str, Any]) -> list[str]:
     """The iterative schedule (``--steps``, the seed's Table 2) and lottery rounds, when the run had them."""
     lines: list[str] = []
@@ -494,6 +519,7 @@ def _markdown(
             lines += ["", f"Accuracy before finetuning: {shown}."]
     elif isinstance(before_ft, (int, float)):
         lines += ["", f"Accuracy before finetuning: {_accuracy(float(before_ft))}."]
+    lines += _recipe_lines(report)
 
     cleanup = _cleanup_rows(opt("cleanup"))
     if cleanup:

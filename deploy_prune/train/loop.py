@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from deploy_prune.errors import BadInput, opt
 
 Hook = Callable[[nn.Module], None]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, inputs, labels) -> loss
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -69,10 +70,12 @@ def _optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_d
     raise BadInput(f"unknown optimizer {name!r}: use sgd or adam")
 
 
-def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optimizer: str = "sgd",
+def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float,
+          optimizer: str | Callable[[nn.Module], torch.optim.Optimizer] = "sgd",
           momentum: float = 0.9, weight_decay: float = 0.0, after_backward: Hook | None = None,
           after_step: Hook | None = None, seed: int | None = 0, desc: str = "finetune",
-          progress: bool = True) -> list[float]:
+          progress: bool = True, lr_schedule: Callable[[int, int], float] | None = None,
+          loss_fn: LossFn | None = None) -> list[float]:
     """Train ``model`` in place with cross-entropy; return the mean training loss of each epoch.
 
     Args:
@@ -81,7 +84,8 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optim
         epochs: number of passes over ``loader`` (0 = nothing happens).
         lr: constant learning rate (the pruning papers' finetuning schedules are constant or step decays;
             a constant rate is what Li et al. use to retrain).
-        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``, or a function that builds the optimizer for
+            ``model`` (its groups' ``lr`` are the base rates; ``lr`` is then unused).
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 penalty passed to the optimizer.
         after_backward: called with the model after each ``backward()``, before the step.
@@ -89,6 +93,9 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optim
         seed: seeds torch's global generator and the loader's shuffling generator (None = leave them).
         desc: label of the progress bar.
         progress: show a tqdm bar with the running loss on stderr.
+        lr_schedule: ``f(step, total_steps)`` -> multiplier of each group's base LR for that optimizer step
+            (0-based; see :func:`deploy_prune.train.recipe.lr_factor`); None = constant.
+        loss_fn: ``f(logits, inputs, labels)`` -> loss (e.g. distillation); None = cross-entropy.
 
     Raises:
         BadInput: unknown optimizer, negative epochs, or a loss that became NaN/inf (lower the LR).
@@ -109,7 +116,9 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optim
         if isinstance(gen, torch.Generator):
             gen.manual_seed(seed)
     device = _device(model)
-    opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
+    opt = optimizer(model) if callable(optimizer) else _optimizer(model, optimizer, lr, momentum, weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    total_steps, done = epochs * len(loader), 0
     model.train()
     losses: list[float] = []
     for epoch in range(epochs):
@@ -118,7 +127,12 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optim
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            if lr_schedule is not None:
+                factor = lr_schedule(done, total_steps)
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = base * factor
+            logits = model(x)
+            loss = F.cross_entropy(logits, y) if loss_fn is None else loss_fn(logits, x, y)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise BadInput(f"{desc}: the training loss became {value} at epoch {epoch + 1}, step {step + 1}: "
@@ -129,6 +143,7 @@ def train(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, optim
             opt.step()
             if after_step is not None:
                 after_step(model)
+            done += 1
             total += value * y.shape[0]
             count += y.shape[0]
             bar.set_postfix(loss=f"{total / count:.4f}")
