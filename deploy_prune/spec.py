@@ -296,6 +296,11 @@ class RunSpec:
             raise BadInput(f"options were given for the {stray[0]} variant, which this run does not make: add "
                            f"{opt(stray[0])} or drop them")
         object.__setattr__(self, "variant_options", MappingProxyType(options))
+        for kind in self.variants:
+            use = registry.get(kind).needs_data
+            if use and not self.data:
+                raise BadInput(f"{opt(kind)} needs {use}: pass {opt('data')} mnist5k or {opt('data')} "
+                               "imagefolder:DIR")
         if self.prune.needs_data and not self.data:
             from deploy_prune import criteria
 
