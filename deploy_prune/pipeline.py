@@ -158,7 +158,8 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
     shutil.rmtree(raw, ignore_errors=True)
     bad = [m for m in made if not m.parity["ok"]]
     if bad:
-        detail = "; ".join(f"{m.kind}: max|diff| {m.parity['max_abs_diff']:.3g} (rel "
+        detail = "; ".join(f"{m.kind}: top-1 agreement {m.parity['top1_agreement']:.3f}" if "top1_agreement" in
+                           m.parity else f"{m.kind}: max|diff| {m.parity['max_abs_diff']:.3g} (rel "
                            f"{m.parity.get('max_rel_diff', 0):.3g})" for m in bad)
         raise ParityError(f"ONNX Runtime disagrees with PyTorch for {', '.join(m.kind for m in bad)} ({detail}); "
                           "nothing was written")
