@@ -264,7 +264,7 @@ def _int8_verdict(report: Mapping[str, Any]) -> list[str]:
     if ratio >= 1 + _NOISE:
         speed = f"{_x(ratio)} faster than fp32 structured"
     elif ratio <= 1 - _NOISE:
-        speed = f"{_x(ratio)} of fp32 structured's speed (slower: Q/DQ overhead outweighs 8-bit kernels here)"
+        speed = f"{_x(ratio)}, slower than fp32 structured"
     else:
         speed = f"{_x(ratio)} vs fp32 structured, no measurable speedup"
     return [f"int8: {speed}, {agreement}"]

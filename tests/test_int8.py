@@ -162,3 +162,35 @@ def _check_int8_bundle(out: Path) -> dict:
     assert q["reduce_range"] is choose_reduce_range(cpu_flags())[0] and q["reduce_range_reason"]
     assert "int8" in (out / "report.md").read_text()
     return rep
+
+
+def _synthetic(provider: str, int8_p50: float, meaningful: bool) -> dict:
+    def row(kind: str, p50: float) -> dict:
+        lat = {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "std": 0.0, "min": p50, "n": 10}
+        return {"kind": kind, "onnx": f"{kind}.onnx", "params": 10, "nonzero_params": 10, "macs": 100,
+                "onnx_bytes": 100, "latency_ms": lat, "speedup_vs_dense": 10.0 / p50, "accuracy": 90.0,
+                "parity": {"max_abs_diff": 0.1, "ok": True}}
+    variants = [row("dense", 10.0), row("unstructured", 10.0), row("structured", 5.0), row("int8", int8_p50)]
+    variants[-1]["parity"]["top1_agreement"] = 0.99
+    return {"schema_version": 2, "model": "builtin:x", "criterion": "l1", "ratio": 0.5, "input_shape": [1, 1, 8, 8],
+            "environment": {"provider": provider, "onnxruntime": "1.31.1", "torch": "2.14.1", "intra_op_threads": 2},
+            "variants": variants, "layers": [],
+            "variant_details": {"int8": {"latency": {"meaningful": meaningful, "reason": "r"}}}}
+
+
+def test_verdict_on_cpu_compares_int8_with_fp32_structured() -> None:
+    from deploy_prune.report import verdict
+
+    faster = _synthetic("CPUExecutionProvider", 2.5, True)
+    validate_report(faster)
+    assert "int8: 2.0x faster than fp32 structured, top-1 agreement with fp32 99.0%" in verdict(faster)
+    assert "slower" in verdict(_synthetic("CPUExecutionProvider", 8.0, True))
+
+
+def test_verdict_on_cuda_publishes_no_int8_speed() -> None:
+    from deploy_prune.report import verdict
+
+    rep = _synthetic("CUDAExecutionProvider", 50.0, False)
+    validate_report(rep)
+    text = verdict(rep)
+    assert "int8" in text and "not meaningful" in text and "slower" not in text and "0.1x" not in text
