@@ -40,7 +40,7 @@ def checkpoint(name: str, path: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(num_classes=10)
-    torch.save({"arch": f"torchvision:{name}", "state_dict": model.state_dict()}, path)
+    torch.save({"arch": f"torchvision:{name}", "num_classes": 10, "state_dict": model.state_dict()}, path)
 
 
 def run_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
