@@ -35,6 +35,7 @@ from deploy_prune.quantize import _calibration_images, choose_reduce_range, cpu_
 CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, str], str]] = {
     "fp32 dense": ("dense", None, {}, "ALL"),
     "fp32 structured": ("structured", None, {}, "ALL"),
+    "fp32 structured, denormals as zero": ("structured", None, {"session.set_denormal_as_zero": "1"}, "ALL"),
     "QDQ u8/s8 per-channel (product)": ("structured", {}, {}, "ALL"),
     "QDQ u8/s8 per-channel reduce_range": ("structured", {"reduce_range": True}, {}, "ALL"),
     "QDQ u8/s8 per-tensor": ("structured", {"per_channel": False}, {}, "ALL"),
