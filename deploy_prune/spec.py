@@ -340,6 +340,11 @@ class RunSpec:
         if self.image_size is not None and not (self.data or "").lower().startswith("imagefolder:"):
             raise BadInput(f"{opt('image_size')} sets the crop of imagefolder data: pass {opt('data')} "
                            f"imagefolder:DIR, or {opt('input_shape')} for the model's input")
+        for kind in self.variants:
+            use = registry.get(kind).needs_data
+            if use and not self.data:
+                raise BadInput(f"{opt(kind)} needs {use}: pass {opt('data')} mnist5k or {opt('data')} "
+                               "imagefolder:DIR")
         if self.prune.needs_data and not self.data:
             from deploy_prune import criteria
 
