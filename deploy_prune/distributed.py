@@ -395,7 +395,10 @@ def average_bn_statistics(model: nn.Module, batches_seen: int | None = None) -> 
 def claim_error(code: int) -> bool:
     """Record that this rank failed with ``code``; True if it is the first rank to fail (it prints the one
     ``error:`` line), False if another rank already did (stay quiet). True when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
+        # failed before joining the group (bad arguments): every rank fails alike, rank 0 speaks for them
+        return not launched() or os.environ.get("RANK", "0") == "0"
+    if world_size() == 1:
         return True
     store = _store()
     if store is None:

@@ -154,8 +154,8 @@ class Workspace:
 
     def _prepare(self, fp: dict[str, Any], *, resume: bool, force: bool, note: Callable[[str], None]) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_legacy(note)
         self._lock()
+        self._remove_legacy(note)
         saved = self._saved_epochs()
         run_json = self.root / "run.json"
         if resume and run_json.is_file():
