@@ -302,7 +302,8 @@ class Workspace:
         if where:
             Path(where).mkdir(parents=True, exist_ok=True)
             (Path(where) / f"rank-{distributed.rank()}.json").write_text(json.dumps(
-                {"rank": distributed.rank(), "world_size": distributed.world_size(), "training": self.log,
+                {"rank": distributed.rank(), "world_size": distributed.world_size(),
+                 "training": [{k: v for k, v in e.items() if not k.startswith("_")} for e in self.log],
                  "checked": distributed.checked()}, indent=1))
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -316,7 +317,8 @@ class Workspace:
         this training run's checkpoint if there is one; return ``(first epoch to train, losses so far)``."""
         call = self.calls
         self.calls += 1
-        entry = {"call": call, "desc": desc, "epochs": epochs, "restored": 0, "trained": 0, "losses": []}
+        entry = {"call": call, "desc": desc, "epochs": epochs, "restored": 0, "trained": 0, "losses": [],
+                 "seconds": 0.0, "_t0": time.perf_counter()}
         self.log.append(entry)
         path = self._file(call)
         done = 0
@@ -352,6 +354,7 @@ class Workspace:
         entry = self.log[-1]
         entry["trained"] += 1
         entry["losses"] = list(losses)
+        entry["seconds"] = round(time.perf_counter() - entry["_t0"], 3)  # training time of this run so far
         if not self.owner:
             return
         done, epochs = epoch + 1, entry["epochs"]

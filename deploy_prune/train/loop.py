@@ -7,6 +7,10 @@ The hooks are where the pruning methods plug in:
 * ``after_step(model)`` runs after every ``optimizer.step()``: the lottery-ticket search re-applies its masks
   there, so pruned weights are exactly zero again before the next forward pass.
 
+Under torchrun (:mod:`deploy_prune.distributed`) the loop trains through ``DistributedDataParallel`` on this
+rank's shard of the data, and evaluation sums its counts over the ranks; inside a pipeline run every epoch
+is checkpointed (:mod:`deploy_prune.resume`) and an interrupted training run continues from its last epoch.
+
 Runs are deterministic on CPU: ``train`` seeds torch's global generator (dropout) and, when the loader has
 one, the loader's shuffling generator, so two calls with the same seed see the same batches in the same
 order.
