@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -355,6 +356,8 @@ def _fail(message: str, code: int) -> None:
     the others exit quietly with that rank's code."""
     from deploy_prune import distributed
 
+    if code == 130 and distributed.launched() and os.environ.get("RANK", "0") != "0":
+        sys.exit(130)  # Ctrl-C reaches every rank: rank 0 says where the resumable state is
     if distributed.claim_error(code):
         print(f"error: {message}", file=sys.stderr, flush=True)
     else:
