@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from deploy_prune import criteria
+from deploy_prune import criteria, distributed
 from deploy_prune.errors import BadInput, opt
 from deploy_prune.metrics import count_nonzero, count_params
 from deploy_prune.spec import PrunePlan, PruneSpec
@@ -97,11 +98,13 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         cfg = _plan_config(spec, 1 - step_keep, crit)
         if spec.target is not None:
             assert measure is not None
-            if found is None:
-                found = search(model, graph, crit, cfg, spec.target, shape, measure, getattr(say, "note", say))
+            if found is None:  # measured: on rank 0 only under torchrun, the result broadcast to every rank
+                found = distributed.on_main(lambda: search(model, graph, crit, cfg, spec.target, shape, measure,
+                                                           getattr(say, "note", say)))
             step_plan = plan_from_roots(graph, choose(graph, crit, step_counts(graph, found, step, spec.steps, cfg)))
         else:
             step_plan = select(graph, crit, cfg)
+        distributed.check_same_plan(step_plan, f"the pruning plan of step {step + 1}")  # no-op without torchrun
         widths_before = sum(graph.layer_widths().values())
         prune_channels(model, graph, step_plan)
         plan = step_plan if plan is None else plan.then(step_plan)
@@ -202,6 +205,7 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
                       lr=trainer.spec.lr or 1.2e-3, optimizer="adam", seed=spec.seed, progress=trainer.progress,
                       reinit_control=o.reinit_control)
     ticket = res.model
+    distributed.check_same("the lottery ticket's masks", _masks_digest(res.masks))
     info: dict[str, Any] = {"history": res.history, "reinit_accuracy": res.reinit_accuracy}
     if twin is None:
         say("structured: L1 matched to the ticket's non-zero count")
@@ -226,6 +230,16 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
     return PrunedPair(structured, ticket, before, sparsity, {"lottery": info})
 
 
+def _masks_digest(masks: dict[str, Any]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(masks[name].reshape(-1).to(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _weight_sparsity(dense: nn.Module, pruned: nn.Module) -> float:
     """The fraction of conv/linear weights ``pruned`` has lost against ``dense`` (lottery's sparsity unit)."""
     total = sum(m.weight.numel() for m in weight_layers(dense).values())
@@ -247,7 +261,7 @@ def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], traine
     if spec.round_to == "auto":
         if measure is None:
             raise ValueError("round_to auto needs a Measure (provider, threads) to measure with")
-        spec, extra["round_to_auto"] = resolve_round_to(dense, spec, shape, measure, say)
+        spec, extra["round_to_auto"] = distributed.on_main(lambda: resolve_round_to(dense, spec, shape, measure, say))
     pair = PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say, measure)
     pair.report.update(extra)
     pair.report.update(trainer.report())

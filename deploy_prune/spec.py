@@ -317,6 +317,7 @@ class RunSpec:
     variants: tuple[str, ...] = ()  # optional variants asked for (e.g. "int8"); dense/unstructured/structured always
     variant_options: Mapping[str, Any] = field(default_factory=dict)  # kind -> its Options instance
     progress: bool = True
+    resume: bool = False  # continue the interrupted run of the same arguments at ``out`` (resume.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
