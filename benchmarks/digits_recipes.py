@@ -83,8 +83,12 @@ def cli(args: list[str], out: Path, timeout: int, lock: bool = False) -> dict[st
     timings are used (a latency target), so it holds the benchmark lock."""
     t0 = time.perf_counter()
     with bench_lock(" ".join(args)) if lock else contextlib.nullcontext():
-        proc = subprocess.run(DEPLOY_PRUNE + BASE + args + ["--out", str(out)], capture_output=True, text=True,
-                              timeout=timeout)
+        try:
+            proc = subprocess.run(DEPLOY_PRUNE + BASE + args + ["--out", str(out)], capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  {' '.join(args)}: timed out after {timeout} s", file=sys.stderr, flush=True)
+            return {"error": f"timed out after {timeout} s", "wall_s": timeout}
     wall = round(time.perf_counter() - t0, 1)
     print(f"  {' '.join(args)}: exit {proc.returncode}, {wall} s", file=sys.stderr, flush=True)
     if proc.returncode != 0:
