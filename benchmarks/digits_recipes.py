@@ -14,6 +14,9 @@ subprocess, read back from its ``report.json``. Parts (``--parts``):
   (``deploy_prune.train.Trainer`` with the default ``TrainSpec``, the dense model as teacher, the run's seed).
 * ``slimming``: ``--criterion slimming --ratio 0.5`` with its defaults, per seed.
 * ``steps``: ``--ratio 0.5 --steps 3`` against one-shot ``--ratio 0.5``, per seed.
+* ``quick``: the ablations behind the defaults (BN batches, distillation alpha and T, ``--steps 3``, slimming's
+  cap), through the library's pruning stage (``prune_structured`` + ``Trainer``, the code path ``run`` takes,
+  without export, unstructured twin and benchmark), per seed.
 * ``old``: the pre-recipe finetuning (``--no-distill --bn-recalib-batches 0 --optimizer adam --weight-decay 0
   --lr-schedule constant --warmup-epochs 0``) for slimming, steps 3 and one-shot, per seed, for comparison.
 
@@ -80,8 +83,12 @@ def cli(args: list[str], out: Path, timeout: int, lock: bool = False) -> dict[st
     timings are used (a latency target), so it holds the benchmark lock."""
     t0 = time.perf_counter()
     with bench_lock(" ".join(args)) if lock else contextlib.nullcontext():
-        proc = subprocess.run(DEPLOY_PRUNE + BASE + args + ["--out", str(out)], capture_output=True, text=True,
-                              timeout=timeout)
+        try:
+            proc = subprocess.run(DEPLOY_PRUNE + BASE + args + ["--out", str(out)], capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  {' '.join(args)}: timed out after {timeout} s", file=sys.stderr, flush=True)
+            return {"error": f"timed out after {timeout} s", "wall_s": timeout}
     wall = round(time.perf_counter() - t0, 1)
     print(f"  {' '.join(args)}: exit {proc.returncode}, {wall} s", file=sys.stderr, flush=True)
     if proc.returncode != 0:
@@ -163,6 +170,57 @@ def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, A
             "accuracy": trainer.accuracy(model)}
 
 
+QUICK = [  # (label, PruneSpec keywords, TrainSpec keywords; "old" = the pre-recipe finetuning)
+    ("l1 0.5, no finetuning, BN re-estimated (20 batches)", {"ratio": 0.5}, {"epochs": 0, "bn_recalib_batches": 20}),
+    ("l1 0.5, no finetuning, BN re-estimated (50 batches)", {"ratio": 0.5}, {"epochs": 0}),
+    ("l1 0.5, old recipe", {"ratio": 0.5}, {"old": True}),
+    ("l1 0.5, default recipe, alpha 0.9", {"ratio": 0.5}, {"distill_alpha": 0.9}),
+    ("l1 0.5, default recipe, alpha 0.5, T 2", {"ratio": 0.5}, {"distill_temperature": 2.0}),
+    ("l1 0.5, default recipe (alpha 0.5, T 4)", {"ratio": 0.5}, {}),
+    ("l1 0.5, default recipe, --no-distill", {"ratio": 0.5}, {"distill": False}),
+    ("l1 0.5 --steps 3, old recipe", {"ratio": 0.5, "steps": 3}, {"old": True}),
+    ("l1 0.5 --steps 3, default recipe", {"ratio": 0.5, "steps": 3}, {}),
+    ("l1 0.5 --steps 3, --no-distill", {"ratio": 0.5, "steps": 3}, {"distill": False}),
+    ("slimming 0.5, default recipe, uncapped (--slimming-max-layer-ratio 1)", {"criterion": "slimming", "ratio": 0.5,
+                                                                             "slimming_max_layer_ratio": 1.0}, {}),
+    ("slimming 0.5, default recipe and cap", {"criterion": "slimming", "ratio": 0.5}, {}),
+]
+OLD_TRAIN = {"optimizer": "adam", "weight_decay": 0.0, "lr_schedule": "constant", "warmup_epochs": 0.0,
+             "distill": False, "bn_recalib_batches": 0}
+
+
+def quick(seed: int) -> dict[str, Any]:
+    """The recipe's ablations through the library's pruning stage (the code path `run` takes, without the
+    export, the unstructured twin and the benchmark): prune_structured + Trainer, one seed."""
+    import copy
+
+    from deploy_prune.criteria.slimming import SlimmingOptions
+    from deploy_prune.data import load_data
+    from deploy_prune.loading import load_model
+    from deploy_prune.prune import prune_structured
+    from deploy_prune.spec import PruneSpec, TrainSpec
+    from deploy_prune.train import Trainer
+
+    data = load_data("mnist5k", batch_size=64, seed=seed)
+    dense = load_model("builtin:mnist_cnn").model.eval()
+    out = {}
+    for label, pk, tk in QUICK:
+        pk, tk = dict(pk), dict(tk)
+        train = {**(OLD_TRAIN if tk.pop("old", False) else {}), **tk}
+        cap = pk.pop("slimming_max_layer_ratio", None)
+        if cap is not None:
+            pk["options"] = SlimmingOptions(slimming_max_layer_ratio=cap)
+        t0 = time.perf_counter()
+        trainer = Trainer(data, TrainSpec(**train), seed, False, teacher=dense)
+        p = prune_structured(copy.deepcopy(dense), PruneSpec(**pk, seed=seed), (1, 1, 28, 28), trainer)
+        out[label] = {"before_ft": p.accuracy_before_finetune, "structured": trainer.accuracy(p.model),
+                      "dense": trainer.accuracy(dense), "widths": [p.plan.width_after(n) for n in p.plan.widths],
+                      "schedule": [(r["accuracy_pruned"], r["accuracy_finetuned"]) for r in p.steps],
+                      "wall_s": round(time.perf_counter() - t0, 1)}
+        print(f"  {label}: {out[label]}", file=sys.stderr, flush=True)
+    return out
+
+
 def mean(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
     return round(statistics.fmean(xs), 2) if xs else None
@@ -234,6 +292,9 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))
 
+    if "quick" in parts:
+        res["quick"] = {seed: quick(seed) for seed in seeds}
+        save()
     if "bn" in parts:
         res["bn"] = {k: summary(cli(["--ratio", "0.5", "--no-finetune", *extra, *it], work / f"bn-{k}", args.timeout))
                      for k, extra in (("on", []), ("off", ["--bn-recalib-batches", "0"]))}
