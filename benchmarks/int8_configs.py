@@ -131,7 +131,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     x = np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224), dtype=np.float32)
     samples = interleaved(sessions, x, args.iters)
     p50 = {label: float(np.median(v)) for label, v in samples.items()}
-    return {"model": name, "threads": threads, "p50_ms": p50,
+    # On a loaded machine the samples are bimodal (a run either has its cores or waits for them): the 5th
+    # percentile is the closest to an uncontended run, the p50 depends on how much of the run fits a window.
+    p5 = {label: float(np.percentile(v, 5)) for label, v in samples.items()}
+    return {"model": name, "threads": threads, "p50_ms": p50, "p5_ms": p5, "samples": samples,
+            "vs_structured_p5": {k: p5["fp32 structured"] / v for k, v in p5.items()},
             "vs_structured": {k: p50["fp32 structured"] / v for k, v in p50.items()},
             "top1_agreement": agreement, "bytes": {k: Path(files[k]).stat().st_size for k in sessions},
             "settings": settings, "errors": errors, "iters": args.iters, "onnxruntime": ort.__version__}
@@ -156,11 +160,13 @@ def main() -> None:
         r = rows[-1]
         print(f"\n### {name} (ORT {r['onnxruntime']}, {r['threads']} threads, {r['iters']} runs each, one "
               "interleaved run)\n")
-        print("| configuration | p50 ms | vs fp32 structured | top-1 agreement | file |")
-        print("|---|---:|---:|---:|---:|")
+        print("| configuration | p50 ms | vs fp32 structured (p50) | p5 ms | vs fp32 structured (p5) "
+              "| top-1 agreement | file |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for label in CONFIGS:
             if label in r["p50_ms"]:
                 print(f"| {label} | {r['p50_ms'][label]:.2f} | {r['vs_structured'][label]:.2f}x "
+                      f"| {r['p5_ms'][label]:.2f} | {r['vs_structured_p5'][label]:.2f}x "
                       f"| {100 * r['top1_agreement'][label]:.0f}% | {r['bytes'][label] / 2**20:.2f} MiB |")
             else:
                 print(f"| {label} | failed: {r['errors'].get(label) or r['settings'].get(label)} | | | |")

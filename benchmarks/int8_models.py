@@ -64,10 +64,18 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     v = {x["kind"]: x for x in rep["variants"]}
     d, s, q = v["dense"], v["structured"], v["int8"]
     det = rep["variant_details"]["int8"]
+    # A loaded machine makes the samples bimodal (a run has its cores or waits for them): the 5th percentile
+    # is the closest to an uncontended run; quote it next to the p50.
+    import numpy as np
+
+    samples = json.loads((out / "latency_samples.json").read_text())["samples"]
+    p5 = {k: float(np.percentile(samples[k], 5)) for k in v}
     return {
         "model": name, "exit": 0, "wall_s": round(wall, 1), "command": shown,
         "p50_ms": {k: round(v[k]["latency_ms"]["p50"], 3) for k in v},
         "p90_ms": {k: round(v[k]["latency_ms"]["p90"], 3) for k in v},
+        "p5_ms": {k: round(p5[k], 3) for k in v},
+        "int8_vs_structured_p5": round(p5["structured"] / p5["int8"], 3),
         "int8_vs_structured": round(s["latency_ms"]["p50"] / q["latency_ms"]["p50"], 3),
         "int8_vs_dense": round(d["latency_ms"]["p50"] / q["latency_ms"]["p50"], 3),
         "structured_vs_dense": round(d["latency_ms"]["p50"] / s["latency_ms"]["p50"], 3),
@@ -80,8 +88,8 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | dense fp32 p50 | structured fp32 p50 | int8 p50 | structured ÷ dense | int8 vs structured "
-             "| int8 vs dense | top-1 agreement | int8 file / fp32 structured |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| int8 vs dense | top-1 agreement | int8 file / fp32 structured | p5 structured / int8 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("exit"):
             lines.append(f"| {r['model']} | failed: {r.get('error')} | | | | | | | |")
@@ -89,7 +97,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         p = r["p50_ms"]
         lines.append(f"| {r['model']} | {p['dense']:.2f} ms | {p['structured']:.2f} ms | {p['int8']:.2f} ms "
                      f"| {r['structured_vs_dense']:.2f}x | {r['int8_vs_structured']:.2f}x | {r['int8_vs_dense']:.2f}x "
-                     f"| {100 * r['top1_agreement']:.0f}% | {r['onnx_bytes']['int8'] / r['onnx_bytes']['structured']:.2f} |")
+                     f"| {100 * r['top1_agreement']:.0f}% | {r['onnx_bytes']['int8'] / r['onnx_bytes']['structured']:.2f} "
+                     f"| {r['p5_ms']['structured']:.2f} / {r['p5_ms']['int8']:.2f} ms = {r['int8_vs_structured_p5']:.2f}x |")
     return "\n".join(lines)
 
 

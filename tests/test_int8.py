@@ -194,3 +194,15 @@ def test_verdict_on_cuda_publishes_no_int8_speed() -> None:
     validate_report(rep)
     text = verdict(rep)
     assert "int8" in text and "not meaningful" in text and "slower" not in text and "0.1x" not in text
+
+
+def test_registering_int8_loads_no_runtime() -> None:
+    """The report layer (which imports the variant registry, and so deploy_prune.quantize) never loads ORT."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deploy_prune.report, deploy_prune.variants as v; "
+            "assert v.get('int8').optional and v.get('int8').source == 'structured'; "
+            "print('onnxruntime' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
