@@ -558,6 +558,8 @@ def parity(
 def parity_failure(par: dict[str, Any]) -> tuple[bool, str]:
     """``(disagrees, detail)`` for a failed :func:`parity` result: whether a difference was measured, and the
     numbers that show it (at the classifier's input when the output itself is identically zero)."""
+    if "top1_agreement" in par:  # int8: a classification question, not a numerical one
+        return True, f"top-1 agreement {par['top1_agreement']:.3f}"
     head = par.get("head_input")
     if head is not None and par["max_abs_diff"] == 0.0:
         return head["max_abs_diff"] > 0, (f"output identically zero; classifier input max|diff| "
