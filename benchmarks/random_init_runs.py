@@ -155,7 +155,9 @@ def write_markdown(results: dict[str, dict[str, Any]], order: list[str], meta: d
         f"**{len(done)} of {len(order)} run**: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ".",
         "",
         "*zero output* = the model's output is identically zero (torchvision zero-initialises ViT's head), so "
-        "parity was proven at the classifier's input (an extra graph output of the file, docs/api.md).",
+        "parity was proven at the classifier's input (an extra graph output of the file, docs/api.md). A wall "
+        "time marked * includes the wait for the lock (recorded by an earlier version of this script, whose "
+        "report did not yet carry the zero-output note either).",
         "",
         "| model | params | input | result | wall s | structured speedup | MACs dense/structured | parity | note |",
         "|---|---:|---|---|---:|---:|---:|---|---|",
@@ -166,7 +168,8 @@ def write_markdown(results: dict[str, dict[str, Any]], order: list[str], meta: d
             " (zero output: classifier input)" if r.get("zero_output_probe") else "")
         note = (r.get("error") or "").replace("|", "\\|")
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
-        lines.append(f"| {n} | {params} | {r.get('input_shape', '')} | {_verdict(r)} | {r.get('seconds', '')} | "
+        secs = f"{r['seconds']}*" if "seconds" in r and "lock_wait_s" not in r else r.get("seconds", "")
+        lines.append(f"| {n} | {params} | {r.get('input_shape', '')} | {_verdict(r)} | {secs} | "
                      f"{r.get('speedup', '')} | {r.get('mac_ratio', '')} | {par} | {note} |")
     text = "\n".join(lines) + "\n"
     if path is None:
