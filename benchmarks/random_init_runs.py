@@ -130,7 +130,7 @@ def _verdict(r: dict[str, Any]) -> str:
 
 
 def write_markdown(results: dict[str, dict[str, Any]], order: list[str], meta: dict[str, Any], path: Path | None) -> None:
-    done = [results[n] for n in order if n in results]
+    done = [results[n] for n in order if "exit" in results.get(n, {})]
     counts: dict[str, int] = {}
     for r in done:
         counts[_verdict(r)] = counts.get(_verdict(r), 0) + 1
@@ -155,7 +155,9 @@ def write_markdown(results: dict[str, dict[str, Any]], order: list[str], meta: d
         f"**{len(done)} of {len(order)} run**: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ".",
         "",
         "*zero output* = the model's output is identically zero (torchvision zero-initialises ViT's head), so "
-        "parity was proven at the classifier's input (an extra graph output of the file, docs/api.md).",
+        "parity was proven at the classifier's input (an extra graph output of the file, docs/api.md). A wall "
+        "time marked * includes the wait for the lock (recorded by an earlier version of this script, whose "
+        "report did not yet carry the zero-output note either).",
         "",
         "| model | params | input | result | wall s | structured speedup | MACs dense/structured | parity | note |",
         "|---|---:|---|---|---:|---:|---:|---|---|",
@@ -166,7 +168,8 @@ def write_markdown(results: dict[str, dict[str, Any]], order: list[str], meta: d
             " (zero output: classifier input)" if r.get("zero_output_probe") else "")
         note = (r.get("error") or "").replace("|", "\\|")
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
-        lines.append(f"| {n} | {params} | {r.get('input_shape', '')} | {_verdict(r)} | {r.get('seconds', '')} | "
+        secs = f"{r['seconds']}*" if "seconds" in r and "lock_wait_s" not in r else r.get("seconds", "")
+        lines.append(f"| {n} | {params} | {r.get('input_shape', '')} | {_verdict(r)} | {secs} | "
                      f"{r.get('speedup', '')} | {r.get('mac_ratio', '')} | {par} | {note} |")
     text = "\n".join(lines) + "\n"
     if path is None:
@@ -188,7 +191,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--mem-gb", type=float, default=14)
     ap.add_argument("--max-params", type=float, default=0, help="skip models above this many million parameters")
+    ap.add_argument("--render", action="store_true", help="only rewrite --out from --json's results")
     args = ap.parse_args()
+    if args.render:
+        rows = json.loads(args.json.read_text())
+        write_markdown({r["model"]: r for r in rows}, [r["model"] for r in rows], _meta(args), args.out)
+        return
 
     sizes = models_by_size()
     order = [n for n, _ in sizes]
@@ -201,9 +209,7 @@ def main() -> None:
         results = {r["model"]: r for r in json.loads(args.json.read_text())}
     for n in order:
         results.setdefault(n, {"model": n, "params": params[n]})
-    meta = {k: getattr(args, k) for k in ("cnn_size", "bench_iters", "provider", "threads", "timeout", "mem_gb")}
-    meta["machine"] = f"{platform.machine()} {_cpu()}, {os.cpu_count()} cores"
-    meta["python"] = platform.python_version()
+    meta = _meta(args)
     for n in [m for m in order if m in wanted]:
         r = run_one(n, params[n], args)
         results[n] = r
@@ -211,6 +217,13 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps([results[m] for m in order], indent=1))
         write_markdown(results, order, meta, args.out)
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    meta = {k: getattr(args, k) for k in ("cnn_size", "bench_iters", "provider", "threads", "timeout", "mem_gb")}
+    meta["machine"] = f"{platform.machine()} {_cpu()}, {os.cpu_count()} cores"
+    meta["python"] = platform.python_version()
+    return meta
 
 
 def _cpu() -> str:

@@ -19,9 +19,10 @@ Two specs are understood (``--data SPEC``):
   notes) before any work starts; a file whose header is fine but whose data is truncated fails (or is
   replaced by the next image) when it is decoded. ``workers`` DataLoader processes decode in parallel
   (persistent across epochs, pinned memory on CUDA); JPEGs for evaluation are decoded at the smallest DCT
-  scale that still covers the resize (PIL ``draft``). Augmentation draws from torch's RNG: seeded by the run
-  with ``workers=0``, and per worker from the loader's seeded generator otherwise, so a run is repeatable for a
-  given ``workers``. docs/data.md has the measured throughput.
+  scale that still covers the resize (PIL ``draft``). Each epoch draws its order and one augmentation seed
+  from the loader's seeded generator, and each image is augmented with that seed and its index, so the crops
+  are the same for any ``workers`` and replay exactly after ``--resume``. docs/data.md has the measured
+  throughput.
 
 Every problem a user can fix raises :class:`~deploy_prune.errors.BadInput` with a one-line message.
 """
@@ -244,7 +245,10 @@ class _Images(Dataset):
             img.load()  # decode now, while the file is open
             return _to_mode(img, self.channels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        seed = None
+        if isinstance(index, tuple):  # from _SeededSampler: augment with a seed of this epoch and this image
+            index, seed = index
         for k in range(len(self.samples)):
             path, target = self.samples[(index + k) % len(self.samples)]
             try:
@@ -254,7 +258,11 @@ class _Images(Dataset):
                     raise BadImage(f"cannot decode image {path} ({type(exc).__name__}: {_first_line(exc)}): remove "
                                    f"it, or pass {opt('skip_bad_images')} to skip unreadable images") from None
                 continue
-            return self.transform(img), target
+            if seed is None:
+                return self.transform(img), target
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed + 1_000_003 * index) % 2**63)
+                return self.transform(img), target
         raise BadImage("no image of this split can be decoded: check the files")
 
 
@@ -362,8 +370,8 @@ def _imagefolder(root: Path, spec: str, batch_size: int, seed: int, input_shape:
                      + (", ..." if len(skipped) > 5 else ""))
     gen = torch.Generator().manual_seed(seed)
     kw = _loader_kwargs(options.workers)
-    return DataBundle(ImageLoader(train, batch_size=batch_size, shuffle=True, generator=gen, progress=options.progress,
-                                  desc="train images", **kw),
+    return DataBundle(ImageLoader(train, batch_size=batch_size, sampler=_SeededSampler(len(train), gen), generator=gen,
+                                  progress=options.progress, desc="train images", **kw),
                       ImageLoader(val, batch_size=batch_size, shuffle=False, progress=options.progress,
                                   desc="val images", **kw),
                       len(found["train"].classes), (1, channels, h, w), spec, skipped_images=len(skipped),
@@ -376,6 +384,23 @@ def _loader_kwargs(workers: int) -> dict[str, Any]:
         kw["persistent_workers"] = True  # the pipeline iterates the same loaders many times (epochs, evaluation)
         kw["prefetch_factor"] = 4
     return kw
+
+
+class _SeededSampler(torch.utils.data.Sampler):
+    """A shuffled epoch from the loader's generator, each index paired with one augmentation seed per epoch drawn
+    from the same generator: the crops depend only on that generator's state, not on ``workers`` or on torch's
+    global RNG, so an epoch replays exactly after ``--resume`` restores the generator."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # noqa: ANN204
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return iter([(i, seed) for i in order])
 
 
 class ImageLoader(DataLoader):

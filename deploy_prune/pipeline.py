@@ -174,10 +174,8 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
             export_onnx(m, raw / v.file, batches[0])
             cleanup = cleanup_onnx(raw / v.file, path)
             acc = known[v.kind] if v.kind in known else trainer.accuracy(m)
-            par = parity(path, m, batches)
             made.append(Made(v.kind, v.file, count_params(m), count_nonzero(m), count_macs(m, inputs.shape),
-                             onnx_size(path), acc, par, cleanup,
-                             notes=(f"{v.kind} parity: {par['note']}",) if par.get("note") else ()))
+                             onnx_size(path), acc, parity(path, m, batches), cleanup))
         else:
             assert v.derive is not None and v.source is not None
             ctx = variants_mod.DeriveContext(stage / variants_mod.get(v.source).file, path, modules[v.source],
