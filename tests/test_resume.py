@@ -21,6 +21,16 @@ from deploy_prune.resume import Workspace, partial_dir
 TINY = ["--input-shape", "1x1x28x28", "--batch-size", "16", "--bench-iters", "3", "-q"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """One intra-op thread in these runs and their subprocesses: the same float sums everywhere, and no
+    OpenMP spinning on a shared, oversubscribed machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _cli(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as exc:
         main(argv)
