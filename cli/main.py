@@ -419,6 +419,7 @@ def _fail(message: str, code: int) -> None:
         sys.exit(130)  # Ctrl-C reaches every rank: rank 0 says where the resumable state is
     if distributed.claim_error(code):
         print(f"error: {message}", file=sys.stderr, flush=True)
+        distributed.error_printed()
     else:
         code = distributed.first_error_code(code)
     sys.exit(code)
@@ -427,6 +428,18 @@ def _fail(message: str, code: int) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app and turns every failure into a one-line message and an exit code."""
     command = typer.main.get_command(app)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        # torchrun: join the process group first, so that every later failure, even a bad option, is reported
+        # once through the group's store (deploy_prune.distributed)
+        from deploy_prune import distributed
+
+        try:
+            distributed.init()
+        except DeployPruneError as exc:
+            _fail(exc.cli_message(), exc.exit_code)
+        except Exception as exc:  # noqa: BLE001
+            _fail(f"internal failure: could not join the torchrun process group: {type(exc).__name__}: "
+                  f"{str(exc).strip()[:300]}", 1)
     try:
         # standalone_mode=False: typer turns a KeyboardInterrupt into Exit(130) and *returns* 130 (typer 0.29)
         rv = command.main(args=argv, prog_name="deploy-prune", standalone_mode=False)

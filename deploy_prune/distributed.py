@@ -123,7 +123,6 @@ def init(*, sync_bn: bool = False, backend: str | None = None) -> bool:
     Raises:
         BadInput: ``sync_bn`` without CUDA, or a bad timeout.
     """
-    _STATE["sync_bn"] = False
     if not launched():
         if sync_bn:
             raise BadInput("--sync-bn only applies to data-parallel runs: start the run with torchrun "
@@ -414,12 +413,24 @@ def claim_error(code: int) -> bool:
         return True
 
 
+def error_printed() -> None:
+    """The rank that claimed the error has printed it: the quiet ranks may exit now (were they to exit first,
+    torchrun would stop the speaking rank before it printed)."""
+    store = _store()
+    try:
+        if store is not None and dist.is_initialized() and world_size() > 1:
+            store.set(_KEY + "printed", "1")
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def first_error_code(default: int) -> int:
-    """The exit code of the rank that failed first (``default`` if unknown)."""
+    """Wait (up to 30 s) until the rank that failed first has printed its error; return its exit code
+    (``default`` if unknown)."""
     store = _store()
     try:
         if store is not None:
-            store.wait([_KEY + "exit"], datetime.timedelta(seconds=5))
+            store.wait([_KEY + "printed"], datetime.timedelta(seconds=30))
             return int(store.get(_KEY + "exit"))
     except Exception:  # noqa: BLE001
         pass

@@ -71,12 +71,13 @@ def test_a_bad_option_under_torchrun_is_one_error_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failure_during_training_stops_every_rank_with_one_line(tmp_path: Path, tiny_digits: Path) -> None:
-    res = _torchrun(["run", "builtin:mnist_cnn", "--data", f"imagefolder:{tiny_digits}", "--epochs", "1",
-                     "--lr", "1e12", "--out", str(tmp_path / "b"), *TINY], tmp_path)
+def test_a_failure_on_rank_0_alone_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    # the latency search runs on rank 0 only (rank 1 waits for its result): an unreachable target fails there
+    res = _torchrun(["run", "builtin:mnist_cnn", "--no-finetune", "--target-speedup", "50",
+                     "--out", str(tmp_path / "b"), *TINY], tmp_path)
     assert res.returncode != 0
     errors = _errors(res.stderr)
-    assert len(errors) == 1 and "loss became" in errors[0], res.stderr[-2000:]
+    assert len(errors) == 1 and "speedup" in errors[0], res.stderr[-2000:]
     assert not (tmp_path / "b").exists() and not (tmp_path / ".b.partial").exists()
 
 
