@@ -196,8 +196,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep the bundles here (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=None, help="write the Markdown tables here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None,
+                    help="only render the tables from earlier --json files (one model per file is fine)")
     args = ap.parse_args()
     import compare_torch_pruning as C
+
+    if args.from_json:
+        docs = [json.loads(p.read_text()) for p in args.from_json]
+        text = markdown([r for d in docs for r in d["rows"]], docs[0]["env"],
+                        " ; ".join(sorted({d["command"] for d in docs})), docs[0].get("started", "?"))
+        if args.out:
+            args.out.write_text(text)
+        print(text)
+        return
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
@@ -216,7 +227,7 @@ def main() -> None:
                 row["uniform_error"] = C.one_line(exc)
         rows.append(row)
         if args.json:
-            args.json.write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=1))
+            args.json.write_text(json.dumps({"env": env, "command": command, "started": started, "rows": rows}, indent=1))
         print(json.dumps(row, indent=1)[:2000], file=sys.stderr, flush=True)
     text = markdown(rows, env, command, started)
     if args.out:

@@ -291,6 +291,29 @@ def sensitivity(
     typer.echo(f"baseline accuracy {result['baseline']:.2f}%  ->  {targets[0]}  {targets[1]}")
 
 
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option(help="Folder for reproduce.json, reproduce.md and the plots.")] = Path("reproduce-out"),
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds to average over (default 2 with --quick, else 3).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Short settings: minutes on two CPU cores.")] = False,
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated experiments: sensitivity, l1_modes, schedules, "
+                                                     "slimming_gamma, apoz_lenet, lottery, criteria.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    threads: Annotated[int, typer.Option(help="Torch threads for training (1 is fastest on a loaded machine).")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """The survey's experiments on the embedded digits (sensitivity, L1 modes, schedules, slimming, APoZ on LeNet,
+    lottery tickets, every criterion at equal speedup), each result beside the paper's; see docs/reproduction.md."""
+    from deploy_prune.reproduce import reproduce as run_reproduce
+
+    result = run_reproduce(out, seeds=seeds, quick=quick, only=only, force=force, threads=threads,
+                           say=(lambda _: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    for name in result["experiments"]:
+        f = result[name]["finding"]
+        typer.echo(f"{name:<15} {'holds' if f['holds'] else 'DOES NOT HOLD':<14} {f['measured']}")
+    typer.echo(f"-> {out / 'reproduce.md'}")
+
+
 @app.command(no_args_is_help=True)
 def bench(
     files: Annotated[list[Path], typer.Argument(help="ONNX files to compare (the first is the baseline).")],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import io
 import logging
 import re
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deploy_prune.errors import DeployPruneError
+from deploy_prune.errors import BadInput, DeployPruneError, opt
 from deploy_prune.outputs import named_outputs
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "export_onnx", "check_onnx", "cleanup_onnx", "parity"]
@@ -450,7 +451,9 @@ def parity(
     element: both tolerances scale with the output, so a model whose logits underflow to ~1e-21 (random-init
     EfficientNets, docs/onnx-runtime.md §8) is judged by its *relative* error and cannot pass trivially, while a
     real mismatch of the same tiny model still fails. An output that is identically zero proves nothing and
-    is never ``ok``. ``note`` flags near-zero outputs (max|y| < 1e-6) so the report can say so.
+    is compared at the classifier's input instead (:mod:`deploy_prune.headprobe`; the result adds
+    ``head_input``), and where that is impossible it is a BadInput asking for trained weights. ``note`` flags
+    near-zero outputs (max|y| < 1e-6) and zero outputs so the report can say so.
 
     The model is run in eval mode with gradients off, on its own device with TF32 disabled; its train/eval
     mode is restored afterwards. On CUDA, ORT runs with ``use_tf32=0`` for the same reason.
@@ -472,6 +475,7 @@ def parity(
 
     Raises:
         DeployPruneError: no inputs, or the outputs have different counts or shapes.
+        BadInput: PyTorch's output holds NaN/inf, or it is identically zero and cannot be checked otherwise.
     """
     from deploy_prune.bench import make_session  # bench does not import this module: no cycle
 
@@ -489,6 +493,7 @@ def parity(
     max_abs = 0.0
     ref_max = 0.0
     ok = True
+    head: dict[str, Any] | None = None
     per: dict[str, dict[str, Any]] = {}  # output name -> its shape at the first input, max|diff|, max|y|
     try:
         with torch.no_grad(), _no_tf32():
@@ -502,11 +507,16 @@ def parity(
                     if g.shape != r.shape:
                         raise DeployPruneError(f"{onnx_path}: output {name!r} has shape {g.shape} in ONNX, "
                                                f"{r.shape} in PyTorch")
+                    if not np.all(np.isfinite(r)):
+                        raise BadInput(f"{Path(onnx_path).name}: the PyTorch model's output holds NaN or infinite "
+                                       f"values on a random input of shape {tuple(x.shape)}, so nothing can be "
+                                       "verified: check its weights and normalisation layers")
                     scale = float(np.max(np.abs(r))) if r.size else 0.0
                     atol = _ATOL_FACTOR * scale
                     close = bool(np.allclose(g, r, rtol=_RTOL, atol=atol))
                     ok &= close
-                    diff = float(np.max(np.abs(g - r))) if r.size else 0.0
+                    d = np.abs(g - r)
+                    diff = (float(np.max(d)) if np.all(np.isfinite(d)) else math.inf) if r.size else 0.0
                     max_abs = max(max_abs, diff)
                     ref_max = max(ref_max, scale)
                     row = per.setdefault(name, {"shape": list(r.shape), "max_abs_diff": 0.0, "ref_max_abs": 0.0,
@@ -514,14 +524,17 @@ def parity(
                     row["max_abs_diff"] = max(row["max_abs_diff"], diff)
                     row["ref_max_abs"] = max(row["ref_max_abs"], scale)
                     row["ok"] = row["ok"] and close
+            head = _zero_output_probe(Path(onnx_path), model, inputs, provider) if ref_max == 0.0 else None
     finally:
         model.train(was_training)
 
     note = None
     zero = [n for n, row in per.items() if row["ref_max_abs"] == 0.0]
-    if ref_max == 0.0:
-        ok = False
-        note = "the reference output is identically zero, which proves nothing: check the model and its inputs"
+    if head is not None:
+        ok = ok and head["ok"]
+        note = (f"the output is identically zero (the classifier '{head['layer']}' computes 0 for every input, "
+                "e.g. a zero-initialised head); parity was proven on the classifier's input instead: max|diff| "
+                f"{head['max_abs_diff']:.3g} (rel {head['max_rel_diff']:.3g})")
     elif zero:
         ok = False
         for n in zero:
@@ -535,5 +548,26 @@ def parity(
         rel = 0.0
     else:
         rel = max_abs / max(ref_max, float(np.finfo(np.float32).tiny))
-    return {"max_abs_diff": max_abs, "max_rel_diff": rel, "ok": bool(ok), "ref_max_abs": ref_max, "note": note,
-            "outputs": per}
+    out = {"max_abs_diff": max_abs, "max_rel_diff": rel, "ok": bool(ok), "ref_max_abs": ref_max, "note": note,
+           "outputs": per}
+    if head is not None:
+        out["head_input"] = head
+    return out
+
+
+def _zero_output_probe(onnx_path: Path, model: nn.Module, inputs: Sequence[torch.Tensor],
+                       provider: str) -> dict[str, Any]:
+    """For an identically zero output: the classifier-input comparison (:mod:`deploy_prune.headprobe`), or a
+    one-line BadInput saying why parity cannot prove this file."""
+    from deploy_prune.headprobe import ProbeUnavailable, compare_head_input
+
+    try:
+        return compare_head_input(onnx_path, model, inputs, provider=provider, rtol=_RTOL,
+                                  atol_factor=_ATOL_FACTOR)
+    except ProbeUnavailable as exc:
+        why = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means it cannot prove anything
+        why = _one_line(exc)
+    raise BadInput(f"{onnx_path.name}: the model's output is identically zero on every parity input, so "
+                   f"comparing ONNX Runtime with PyTorch proves nothing, and the classifier's input cannot be "
+                   f"compared instead ({why}): load trained weights into the model ({opt('weights')})")

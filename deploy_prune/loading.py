@@ -237,7 +237,26 @@ def load_model(spec: str, *, weights: str | None = None, arch: str | None = None
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _load_model(spec, weights=weights, arch=arch, trust_pickle=trust_pickle)
+        loaded = _load_model(spec, weights=weights, arch=arch, trust_pickle=trust_pickle)
+    check_finite(loaded.model, weights or spec)
+    return loaded
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Raise BadInput naming the first parameter or buffer of ``model`` that holds a NaN or an infinity.
+
+    Such a model cannot be pruned (its criteria scores are NaN), exported and verified meaningfully: every
+    output it computes is NaN, which parity could only report as a disagreement.
+    """
+    for kind, items in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                bad = t.detach()
+                n_nan, n_inf = int(torch.isnan(bad).sum()), int(torch.isinf(bad).sum())
+                parts = ([f"{n_nan} NaN"] if n_nan else []) + ([f"{n_inf} infinite"] if n_inf else [])
+                raise BadInput(f"{what}: {kind} tensor '{name}' holds {' and '.join(parts)} value(s) of "
+                               f"{bad.numel()}; the checkpoint is corrupt or its training diverged: pass a "
+                               "checkpoint with finite weights")
 
 
 def _load_model(spec: str, *, weights: str | None, arch: str | None, trust_pickle: bool) -> LoadedModel:

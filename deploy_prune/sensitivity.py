@@ -51,7 +51,7 @@ def _check_logits(model: nn.Module, input_shape: tuple[int, ...]) -> None:
                        f"{', '.join(names)} rather than one logits tensor; prune it with run (no data) instead")
 
 
-def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, criterion: str = "l1",
+def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, criterion: Any = "l1",
                 fractions: tuple[float, ...] = DEFAULT_FRACTIONS, max_batches: int | None = None,
                 seed: int = 0, options: Any = None, progress: bool = True) -> dict[str, Any]:
     """Prune every group alone at each fraction, without retraining, and measure validation accuracy.
@@ -60,7 +60,8 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
         model: the trained network (not modified).
         data: a :class:`~deploy_prune.data.DataBundle`; ``data.val`` is evaluated.
         input_shape: ``(1, C, H, W)`` for the dependency analysis.
-        criterion: a registered criterion name (``l1``, ``fpgm``, ``apoz``, ``random``, ``slimming``...).
+        criterion: a registered criterion name (``l1``, ``fpgm``, ``apoz``, ``random``, ``slimming``...), or a
+            criterion instance (``deploy-prune reproduce`` sweeps an unregistered largest-L1 ranking).
         options: the criterion's options (its ``Options``; None = defaults).
         fractions: pruned fractions to try, each in (0, 1).
         max_batches: evaluate only this many validation batches per trial (None = all).
@@ -75,7 +76,7 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
     work = copy.deepcopy(model)
     _check_logits(work, input_shape)
     graph = analyze(work, input_shape)
-    crit = criteria.create(criterion, options)
+    crit = criteria.create(criterion, options) if isinstance(criterion, str) else criterion
     ctx = criteria.ScoreContext(data=data, seed=seed, progress=progress)
     crit.prepare(work, graph, ctx)
     baseline = evaluate(work, data.val, max_batches=max_batches)
@@ -92,7 +93,7 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
             entry["removed"].append(_classes_removed(graph, group, plan))
             entry["accuracy"].append(evaluate(trial, data.val, max_batches=max_batches))
         layers[group_label(group.modules)] = entry
-    return {"criterion": criterion, "baseline": baseline, "layers": layers}
+    return {"criterion": getattr(crit, "name", str(criterion)), "baseline": baseline, "layers": layers}
 
 
 def ratios_from_sensitivity(result: dict[str, Any], max_drop: float = 1.0) -> dict[str, float]:

@@ -119,3 +119,14 @@ def mnist_resnet(num_classes: int = 10) -> nn.Module:
 def lenet300(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(inplace=True), nn.Linear(300, 100),
                          nn.ReLU(inplace=True), nn.Linear(100, num_classes))
+
+
+@register("lenet5", (1, 1, 28, 28), 10,
+          "LeNet-5 as in Hu et al.'s APoZ Table 2 (conv 20-50 5x5 with 2x2 max-pools, FC 500-10), ReLU after every "
+          "hidden layer")
+def lenet5(num_classes: int = 10) -> nn.Module:
+    # Caffe's LeNet has a ReLU only after ip1; APoZ counts post-ReLU zeros and Hu et al. trim CONV2 together
+    # with FC1, so a ReLU follows each conv here as well.
+    return nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Conv2d(20, 50, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(800, 500), nn.ReLU(inplace=True), nn.Linear(500, num_classes))

@@ -1,0 +1,146 @@
+"""Inputs that used to end in a misleading internal failure: non-finite weights and outputs that are
+identically zero (a zero-initialised classifier)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from deploy_prune.cli.main import main
+from deploy_prune.models import lenet300
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def _one_line_exit_2(code: int, err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_checkpoint_with_a_non_finite_weight_is_refused_at_load(bad: float, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    sd = lenet300().state_dict()
+    sd["3.weight"][3, 7] = bad
+    path = tmp_path / "diverged.pt"
+    torch.save({"arch": "builtin:lenet300", "state_dict": sd}, path)
+    out = tmp_path / "bundle"
+    code, _, err = _run(["run", str(path), "--no-finetune", "--bench-iters", "2", "-q", "--out", str(out)], capsys)
+    line = _one_line_exit_2(code, err)
+    assert "3.weight" in line and ("NaN" in line if math.isnan(bad) else "infinite" in line), line
+    assert "RuntimeWarning" not in err and not out.exists()
+
+
+def test_weights_flag_with_a_nan_buffer_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy_prune.models import mnist_cnn
+
+    sd = mnist_cnn().state_dict()
+    bn = next(k for k in sd if k.endswith("running_var"))
+    sd[bn][0] = math.nan
+    path = tmp_path / "w.pt"
+    torch.save(sd, path)
+    code, _, err = _run(["inspect", "builtin:mnist_cnn", "--weights", str(path)], capsys)
+    assert bn in _one_line_exit_2(code, err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outputs that are identically zero
+
+
+class _ZeroHead(nn.Module):
+    """A residual CNN whose classifier is zero-initialised, as torchvision does for ViT's head."""
+
+    def __init__(self, scale_output: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.scale_output = scale_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.body(h)).mean((2, 3))
+        y = self.head(h)
+        return y * 2.0 if self.scale_output else y
+
+
+def test_a_zero_output_is_verified_at_the_classifier_input(tmp_path: Path) -> None:
+    from deploy_prune.export import cleanup_onnx, export_onnx, parity
+
+    torch.manual_seed(0)
+    model = _ZeroHead().eval()
+    x = torch.randn(2, 3, 8, 8)
+    export_onnx(model, tmp_path / "raw.onnx", x)
+    cleanup_onnx(tmp_path / "raw.onnx", tmp_path / "m.onnx")
+    res = parity(tmp_path / "m.onnx", model, [x])
+    assert res["ok"] and res["max_abs_diff"] == 0.0 and res["ref_max_abs"] == 0.0
+    head = res["head_input"]
+    assert head["layer"] == "head" and head["ok"] and head["ref_max_abs"] > 0
+    assert "classifier's input" in res["note"]
+    # the probe really looks at the graph: the same file checked against a model whose body differs fails
+    other = _ZeroHead().eval()
+    assert not parity(tmp_path / "m.onnx", other, [x])["ok"]
+    assert [p.name for p in tmp_path.iterdir()] == ["raw.onnx", "m.onnx"] or \
+        sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "raw.onnx"]  # no probe file left behind
+
+
+def test_a_zero_output_that_cannot_be_probed_is_a_bad_input_asking_for_weights(tmp_path: Path) -> None:
+    from deploy_prune.errors import BadInput
+    from deploy_prune.export import export_onnx, parity
+
+    model = _ZeroHead(scale_output=True).eval()
+    x = torch.randn(1, 3, 8, 8)
+    export_onnx(model, tmp_path / "m.onnx", x)
+    with pytest.raises(BadInput) as exc:
+        parity(tmp_path / "m.onnx", model, [x])
+    msg = str(exc.value)
+    assert "identically zero" in msg and "weights" in msg and "disagrees" not in msg
+    assert "--weights" in exc.value.cli_message() and "\n" not in msg
+
+
+def test_run_with_a_zero_initialised_classifier_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from deploy_prune.models import mnist_cnn
+
+    model = mnist_cnn()
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    path = tmp_path / "zero_head.pt"
+    torch.save({"arch": "builtin:mnist_cnn", "state_dict": model.state_dict()}, path)
+    out = tmp_path / "bundle"
+    code, _, err = _run(["run", str(path), "--no-finetune", "--bench-iters", "2", "-q", "--out", str(out)], capsys)
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert all(v["parity"]["ok"] and v["parity"]["max_abs_diff"] == 0.0 for v in rep["variants"])
+
+
+def test_run_with_an_all_zero_model_says_why_and_asks_for_weights(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy_prune.models import mnist_cnn
+
+    model = mnist_cnn()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    path = tmp_path / "zeros.pt"
+    torch.save({"arch": "builtin:mnist_cnn", "state_dict": model.state_dict()}, path)
+    out = tmp_path / "bundle"
+    code, _, err = _run(["run", str(path), "--no-finetune", "--bench-iters", "2", "-q", "--out", str(out)], capsys)
+    line = _one_line_exit_2(code, err)
+    assert "identically zero" in line and "--weights" in line and "disagrees" not in line
+    assert not out.exists()
