@@ -356,8 +356,10 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out += [_row(r) for r in results]
     missing = [m for m in ORDER if m not in {r["model"] for r in results}]
     if missing:
-        out += ["", f"Not measured in this run (stopped for time on the shared machine): "
-                    f"{', '.join(f'`{m}`' for m in missing)}."]
+        out += ["", f"Not timed in this run (stopped for time on the shared machine): "
+                    f"{', '.join(f'`{m}`' for m in missing)}. The ResNet-50/101 segmentation models among them "
+                    "were run through `deploy-prune run` without timing (valid bundle, parity ok, MACs in "
+                    "docs/dense-prediction.md)."]
     notes = []
     for r in results:
         for k, why in ((r.get("ours") or {}).get("left_alone") or {}).items():
