@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -66,6 +67,14 @@ def _run_template(
                                                      "torchvision/builtin ones are guessed if omitted.")] = None,
     data: Annotated[Optional[str], typer.Option(help="mnist5k (embedded digits) or imagefolder:DIR "
                                                      "(DIR/train, DIR/val). Without it: no finetuning, accuracy unknown.")] = None,
+    workers: Annotated[int, typer.Option(help="imagefolder: DataLoader worker processes decoding images "
+                                              "(0 = in the main process; docs/data.md).")] = 0,
+    image_size: Annotated[Optional[int], typer.Option(help="imagefolder: square crop size (training "
+                                                           "RandomResizedCrop, evaluation resize + centre crop); "
+                                                           "sets the input shape's H and W. Default 224.")] = None,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="imagefolder: skip unreadable images "
+                                                                             "(the report counts them) instead of "
+                                                                             "failing.")] = False,
     epochs: Annotated[int, typer.Option(help="Finetune epochs after pruning (per step).")] = 3,
     no_finetune: Annotated[bool, typer.Option("--no-finetune", help="Skip finetuning (same as --epochs 0).")] = False,
     input_shape: Annotated[Optional[str], typer.Option(help="e.g. 1x3x224x224 (default: from the data or the "
@@ -91,9 +100,36 @@ def _run_template(
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
-    lr: Annotated[Optional[float], typer.Option(help="Finetune learning rate (Adam; default 1e-3).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size for finetuning and evaluation.")] = 64,
+    lr: Annotated[Optional[float], typer.Option(help="Finetune base learning rate (default 1e-3 for adamw and "
+                                                     "adam, 1e-2 for sgd).")] = None,
+    optimizer: Annotated[str, typer.Option(help="Finetune optimizer: adamw (decoupled weight decay), adam, or sgd "
+                                                "(momentum 0.9). Weight decay never applies to biases or norm "
+                                                "parameters.")] = "adamw",
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay on conv/linear weights (default "
+                                                               "1e-2 adamw, 0 adam, 1e-4 sgd).")] = None,
+    lr_schedule: Annotated[str, typer.Option(help="cosine: decay the LR to 0 over each finetuning run (after the "
+                                                  "warm-up); constant: keep it.")] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option(help="Linear LR warm-up at the start of each finetuning run, in "
+                                                      "epochs (at most half the run; 0 = none).")] = 0.3,
+    no_distill: Annotated[bool, typer.Option("--no-distill", help="Finetune on the labels only. By default, "
+                                             "with --data, the pruned models also learn the dense model's "
+                                             "softened outputs (knowledge distillation, Hinton et al. 2015).")]
+    = False,
+    distill_temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 4.0,
+    distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation term: loss = alpha*T^2*KL + "
+                                                      "(1-alpha)*cross-entropy.")] = 0.5,
+    bn_recalib_batches: Annotated[int, typer.Option(help="After every surgery, re-estimate BatchNorm running "
+                                                         "statistics on N training batches (no gradient steps; "
+                                                         "EagleEye's adaptive BN) before the model is evaluated "
+                                                         "or finetuned. 0 = off; skipped without --data.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Batch size for finetuning, evaluation and BatchNorm "
+                                                 "re-estimation.")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run with the same arguments "
+                                                          "and --out from its last completed training epoch.")] = False,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun on GPUs: synchronise BatchNorm "
+                                                            "statistics across ranks while training "
+                                                            "(SyncBatchNorm).")] = False,
 ) -> None:
     """The fixed options of `run` (the criterion options and optional variants are added from the registries)."""
 
@@ -139,11 +175,14 @@ def _variant_options(kw: dict[str, Any]) -> dict[str, Any]:
 
 def run(**kw: Any) -> None:
     """Prune MODEL, finetune, export the variants to ONNX, verify and benchmark them, and write the bundle."""
+    from deploy_prune import distributed
     from deploy_prune.pipeline import run as run_pipeline
 
+    distributed.init(sync_bn=kw["sync_bn"])  # torchrun: join the process group (no-op otherwise)
     spec = _run_spec(kw)
     report = run_pipeline(spec)
-    _summary(report, spec.out)
+    if report is not None:  # None on the ranks other than 0, which write nothing
+        _summary(report, spec.out)
 
 
 def _run_spec(kw: dict[str, Any]) -> Any:
@@ -178,11 +217,16 @@ def _run_spec(kw: dict[str, Any]) -> Any:
     return RunSpec(
         model=ModelSource(spec=kw["model"], weights=kw["weights"], arch=kw["arch"], trust_pickle=kw["trust_pickle"]),
         prune=prune,
-        train=TrainSpec(epochs=0 if kw["no_finetune"] else kw["epochs"], lr=kw["lr"], batch_size=kw["batch_size"]),
+        train=TrainSpec(epochs=0 if kw["no_finetune"] else kw["epochs"], lr=kw["lr"], batch_size=kw["batch_size"],
+                        optimizer=kw["optimizer"], weight_decay=kw["weight_decay"], lr_schedule=kw["lr_schedule"],
+                        warmup_epochs=kw["warmup_epochs"], distill=not kw["no_distill"],
+                        distill_temperature=kw["distill_temperature"], distill_alpha=kw["distill_alpha"],
+                        bn_recalib_batches=kw["bn_recalib_batches"]),
         bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"]),
-        data=kw["data"], input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
+        data=kw["data"], workers=kw["workers"], image_size=kw["image_size"], skip_bad_images=kw["skip_bad_images"],
+        input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
         variants=tuple(k for k in variants.optional_kinds() if kw.get(k)), variant_options=_variant_options(kw),
-        progress=not kw["quiet"])
+        progress=not kw["quiet"], resume=kw["resume"])
 
 
 run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -272,9 +316,12 @@ def sensitivity(
 ) -> None:
     """Prune each layer group alone at 10%..90% without retraining and plot accuracy against the pruned fraction
     (Li et al. 2017, Fig. 2b). Feed the JSON back with `run --from-sensitivity`."""
+    from deploy_prune import distributed
     from deploy_prune.sensitivity import plot_sensitivity, sensitivity as sweep
     from deploy_prune.data import load_data
     from deploy_prune.loading import load_model
+
+    distributed.init()  # torchrun: training and evaluation are shared by the ranks, rank 0 writes
 
     targets = [out / "sensitivity.json", out / "sensitivity.png"]
     if any(t.exists() for t in targets) and not force:
@@ -282,7 +329,10 @@ def sensitivity(
     loaded = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle)
     bundle = load_data(data, input_shape=_shape(input_shape))
     shape = _shape(input_shape) or bundle.input_shape
-    result = sweep(loaded.model, bundle, shape, criterion=criterion, max_batches=max_batches)
+    result = sweep(loaded.model, bundle, shape, criterion=criterion, max_batches=max_batches,
+                   progress=distributed.is_main())
+    if not distributed.is_main():
+        return
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".sensitivity.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
@@ -360,39 +410,57 @@ def _summary(report: dict, out: Path) -> None:
     typer.echo(f"bundle: {out}/ (model.onnx, pruned.pt, report.md, report.json)")
 
 
+def _fail(message: str, code: int) -> None:
+    """Print the one ``error:`` line and exit with ``code``. Under torchrun only the first rank to fail prints;
+    the others exit quietly with that rank's code."""
+    from deploy_prune import distributed
+
+    if code == 130 and distributed.launched() and os.environ.get("RANK", "0") != "0":
+        sys.exit(130)  # Ctrl-C reaches every rank: rank 0 says where the resumable state is
+    if distributed.claim_error(code):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        code = distributed.first_error_code(code)
+    sys.exit(code)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app and turns every failure into a one-line message and an exit code."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="deploy-prune", standalone_mode=False)
+        # standalone_mode=False: typer turns a KeyboardInterrupt into Exit(130) and *returns* 130 (typer 0.29)
+        rv = command.main(args=argv, prog_name="deploy-prune", standalone_mode=False)
     except Exit as exc:
+        if exc.exit_code == 130:
+            _fail("interrupted; nothing was written", 130)
         sys.exit(exc.exit_code)
     except Abort:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted; nothing was written", 130)
     except TyperException as exc:  # usage errors from the (vendored) click parser
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
             print(ctx.get_help())
             sys.exit(0)
         name = getattr(ctx, "command_path", "deploy-prune") if ctx is not None else "deploy-prune"
-        print(f"error: {exc.format_message()}; see `{name} --help`", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{exc.format_message()}; see `{name} --help`", 2)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted; nothing was written", 130)
     except DeployPruneError as exc:
         if _DEBUG["on"]:
             traceback.print_exc()
-        print(f"error: {exc.cli_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(exc.cli_message(), exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
         if _DEBUG["on"]:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: internal failure: {type(exc).__name__}: {first[:300]} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
+        _fail(f"internal failure: {type(exc).__name__}: {first[:300]} (rerun with --debug for the traceback)", 1)
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:  # an Exit typer returned instead of raising
+        if rv == 130:
+            _fail("interrupted; nothing was written", 130)
+        sys.exit(rv)
+    from deploy_prune import distributed
+
+    distributed.shutdown()
     sys.exit(0)
 
 

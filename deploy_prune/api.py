@@ -43,7 +43,7 @@ class PruneResult:
         skipped: layers the analysis left (partly) alone, with the reason (``{qualified name: reason}``).
         params_before, params_after, macs_before, macs_after: counted at the example input's shape.
         ratio: the fraction of prunable channels removed (the effective one when a target was given).
-        target: with ``target_speedup`` / ``target_latency_ms``: what the search measured (its probes, the
+        target: with ``target_speedup`` / ``target_latency``: what the search measured (its probes, the
             chosen widths' measured speedup or latency); None otherwise.
     """
 
@@ -121,7 +121,7 @@ def _data(data: Any, shape: tuple[int, ...], batch_size: int, seed: int) -> Any:
 
 
 def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1", ratio: float | None = None,
-          target_speedup: float | None = None, target_latency_ms: float | None = None, data: Any = None,
+          target_speedup: float | None = None, target_latency: float | None = None, data: Any = None,
           round_to: int | str = 8, max_layer_ratio: float = 0.9, scope: str | None = None,
           ignore: Sequence[str] = (), seed: int = 0, provider: str = "cpu", threads: int | None = None,
           batch_size: int = 64, progress: bool = False, **criterion_options: Any) -> PruneResult:
@@ -135,7 +135,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
         ratio: fraction of prunable channels to remove, 0 <= ratio < 1 (default 0.5 without a target).
         target_speedup: instead of ``ratio``: prune until the model's p50 on ONNX Runtime (``provider``,
             ``threads``, the example's shape) is this many times faster than the original's.
-        target_latency_ms: the same, as an absolute p50 in milliseconds.
+        target_latency: the same, as an absolute p50 in milliseconds.
         data: what a criterion needs data for (``apoz``'s calibration, ``slimming``'s sparsity training): a
             spec (``"mnist5k"``, ``"imagefolder:DIR"``), an object with ``.train``/``.val`` loaders, or any
             iterable of ``(inputs, labels)`` batches such as your DataLoader.
@@ -169,14 +169,14 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
     model = _module(model)
     x = _example(example_input)
     shape = tuple(int(d) for d in x.shape)
-    targets = [t for t in (("speedup", target_speedup), ("latency_ms", target_latency_ms)) if t[1] is not None]
+    targets = [t for t in (("speedup", target_speedup), ("latency_ms", target_latency)) if t[1] is not None]
     if len(targets) + (ratio is not None) > 1:
-        raise BadInput(f"{opt('ratio')}, {opt('target_speedup')} and {opt('target_latency_ms')} exclude each other; "
+        raise BadInput(f"{opt('ratio')}, {opt('target_speedup')} and {opt('target_latency')} exclude each other; "
                        "give one of them")
     if criterion == "lottery":
-        raise BadInput("lottery finds an unstructured ticket, not a channel plan, so prune() cannot return it: choose "
-                       f"{opt('criterion')} l1, slimming, fpgm, apoz or random, or compare tickets with the deploy-prune run "
-                       "command")
+        raise BadInput("lottery finds an unstructured ticket, not a channel plan, so prune() cannot return it: "
+                       f"choose {opt('criterion')} l1, slimming, fpgm, apoz or random, or compare tickets with the "
+                       "deploy-prune run command")
     options = criteria.make_options(criterion, dict(criterion_options))
     spec = PruneSpec(criterion=criterion, options=options, ratio=ratio,
                      target=Target(*targets[0]) if targets else None, round_to=round_to,
@@ -242,7 +242,7 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, p
             bad ``example_input``.
         DeployPruneError: the exporter failed (the message names the operation).
     """
-    from deploy_prune.export import cleanup_onnx, export_onnx, onnx_size, parity, sidecar_of
+    from deploy_prune.export import cleanup_onnx, export_onnx, onnx_size, parity, parity_failure, sidecar_of
     from deploy_prune.loading import check_finite
 
     model = _module(model)
@@ -258,8 +258,9 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, p
         cleanup = cleanup_onnx(work / "raw.onnx", work / dst.name)
         par = parity(work / dst.name, model, batches, provider=provider)
         if not par["ok"]:
-            raise ParityError(f"ONNX Runtime disagrees with PyTorch for {dst.name} (max|diff| "
-                              f"{par['max_abs_diff']:.3g}, rel {par['max_rel_diff']:.3g}); nothing was written")
+            disagrees, detail = parity_failure(par)
+            verb = "disagrees with" if disagrees else "could not be checked against"
+            raise ParityError(f"ONNX Runtime {verb} PyTorch for {dst.name} ({detail}); nothing was written")
         side = sidecar_of(work / dst.name)
         if side.exists():
             side.replace(sidecar_of(dst))

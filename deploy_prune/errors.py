@@ -65,3 +65,9 @@ class TargetUnreachable(BadInput):
 
 class ParityError(DeployPruneError):
     """An exported ONNX file does not reproduce the PyTorch model's outputs. Exit code 1."""
+
+
+class Interrupted(DeployPruneError):
+    """The user interrupted the run (Ctrl-C). Exit code 130."""
+
+    exit_code = 130

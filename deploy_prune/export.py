@@ -555,6 +555,18 @@ def parity(
     return out
 
 
+def parity_failure(par: dict[str, Any]) -> tuple[bool, str]:
+    """``(disagrees, detail)`` for a failed :func:`parity` result: whether a difference was measured, and the
+    numbers that show it (at the classifier's input when the output itself is identically zero)."""
+    if "top1_agreement" in par:  # int8: a classification question, not a numerical one
+        return True, f"top-1 agreement {par['top1_agreement']:.3f}"
+    head = par.get("head_input")
+    if head is not None and par["max_abs_diff"] == 0.0:
+        return head["max_abs_diff"] > 0, (f"output identically zero; classifier input max|diff| "
+                                          f"{head['max_abs_diff']:.3g} (rel {head['max_rel_diff']:.3g})")
+    return par["max_abs_diff"] > 0, f"max|diff| {par['max_abs_diff']:.3g} (rel {par.get('max_rel_diff', 0):.3g})"
+
+
 def _zero_output_probe(onnx_path: Path, model: nn.Module, inputs: Sequence[torch.Tensor],
                        provider: str) -> dict[str, Any]:
     """For an identically zero output: the classifier-input comparison (:mod:`deploy_prune.headprobe`), or a

@@ -30,43 +30,64 @@ from deploy_prune.target import Measure
 from deploy_prune.train import Trainer
 
 
-def run(spec: RunSpec) -> dict[str, Any]:
-    """Run the whole pipeline and write the bundle at ``spec.out``; returns the report dict."""
-    from deploy_prune import bench, report
+def run(spec: RunSpec) -> dict[str, Any] | None:
+    """Run the whole pipeline and write the bundle at ``spec.out``; returns the report dict.
+
+    Under torchrun every rank trains and prunes; rank 0 alone exports, benchmarks and writes, and the other
+    ranks return None once rank 0 is done.
+    """
+    from deploy_prune import bench, distributed, report, resume
 
     check_out(spec.out, spec.force, [spec.model.spec, spec.model.weights, spec.data])
-    say = Stages(spec.progress, 6)
+    say = Stages(spec.progress and distributed.is_main(), 6)
     provider = bench.resolve_provider(spec.bench.provider)
-    # Everything a user can get wrong is checked before the first progress line, so a bad input prints
-    # exactly one line.
-    inputs = load_inputs(spec)
-    say(f"loaded {spec.model.spec}" + (f" and {spec.data}" if spec.data else ""))
-    for n in inputs.loaded.notes:
-        say.note(n)
-    trainer = Trainer(inputs.data, spec.train, spec.prune.seed, spec.progress)
-    dense = inputs.loaded.model
-    known = {"dense": trainer.accuracy(dense)}
-    if known["dense"] is not None:
-        say.note(f"dense accuracy: {known['dense']:.2f}%")
+    ws = resume.Workspace.open(spec.out, resume.fingerprint(spec), resume=spec.resume, force=spec.force,
+                               note=say.note)
+    distributed.broadcast_object(None)  # every rank waits until rank 0 holds the staging folder
+    with ws.active(note=say.note):
+        # Everything a user can get wrong is checked before the first progress line, so a bad input prints
+        # exactly one line.
+        inputs = load_inputs(spec)
+        say(f"loaded {spec.model.spec}" + (f" and {spec.data}" if spec.data else "")
+            + (f" ({distributed.world_size()} data-parallel ranks)" if distributed.active() else ""))
+        for n in inputs.loaded.notes:
+            say.note(n)
+        dense = inputs.loaded.model
+        trainer = Trainer(inputs.data, spec.train, spec.prune.seed, spec.progress and distributed.is_main(),
+                          teacher=dense)
+        known = {"dense": trainer.accuracy(dense)}
+        if known["dense"] is not None:
+            say.note(f"dense accuracy: {known['dense']:.2f}%")
 
-    measure = Measure(provider, spec.bench.threads, iters=max(20, min(50, spec.bench.iters)), seed=spec.prune.seed,
-                      progress=spec.progress)
-    pair = prune_pair(dense, spec.prune, inputs.shape, trainer, say, measure)
-    with staging(spec.out, spec.force) as stage:
-        say("exporting to ONNX, cleaning with onnx-graphsurgeon, checking parity with ONNX Runtime")
-        chosen = variants_mod.selected(spec.variants)
-        made = make_variants(chosen, pair, dense, stage, inputs, trainer, provider, known,
-                             options=spec.variant_options, threads=spec.bench.threads)
-        say(f"benchmarking {' vs '.join(v.kind for v in chosen)} on {provider} ({spec.bench.iters} iterations each)")
-        result = bench.benchmark({m.kind: stage / m.file for m in made}, inputs.shape, provider=provider,
-                                 threads=spec.bench.threads, iters=spec.bench.iters, seed=spec.prune.seed,
-                                 progress=spec.progress)
-        say("writing the report and the bundle")
-        rep = report.build(spec=spec, loaded=inputs.loaded, shape=inputs.shape, pair=pair, made=made,
-                           bench=result, environment=bench.environment(result))
-        save_pruned(stage / "pruned.pt", pair.structured.model, arch=inputs.loaded.arch,
-                    num_classes=inputs.loaded.num_classes, input_shape=inputs.shape, plan=pair.structured.plan)
-        report.write_report(stage, rep, result, {"plots": draw_plots(pair, stage)})
+        measure = Measure(provider, spec.bench.threads, iters=max(20, min(50, spec.bench.iters)),
+                          seed=spec.prune.seed, progress=spec.progress)
+        pair = prune_pair(dense, spec.prune, inputs.shape, trainer, say, measure)
+        if not distributed.is_main():
+            code = distributed.wait_for_main()  # rank 0 exports, benchmarks and writes alone
+            if code:
+                raise DeployPruneError(f"rank 0 failed (exit {code})")
+            return None
+        with distributed.alone():  # rank 0 exports, benchmarks and writes by itself
+            stage = ws.bundle
+            stage.mkdir(parents=True, exist_ok=True)
+            say("exporting to ONNX, cleaning with onnx-graphsurgeon, checking parity with ONNX Runtime")
+            chosen = variants_mod.selected(spec.variants)
+            made = make_variants(chosen, pair, dense, stage, inputs, trainer, provider, known,
+                                 options=spec.variant_options, threads=spec.bench.threads)
+            say(f"benchmarking {' vs '.join(v.kind for v in chosen)} on {provider} ({spec.bench.iters} iterations "
+                "each)")
+            result = bench.benchmark({m.kind: stage / m.file for m in made}, inputs.shape, provider=provider,
+                                     threads=spec.bench.threads, iters=spec.bench.iters, seed=spec.prune.seed,
+                                     progress=spec.progress)
+            say("writing the report and the bundle")
+            env = {**bench.environment(result), "world_size": distributed.world_size()}
+            rep = report.build(spec=spec, loaded=inputs.loaded, shape=inputs.shape, pair=pair, made=made,
+                               bench=result, environment=env)
+            save_pruned(stage / "pruned.pt", pair.structured.model, arch=inputs.loaded.arch,
+                        num_classes=inputs.loaded.num_classes, input_shape=inputs.shape, plan=pair.structured.plan)
+            report.write_report(stage, rep, result, {"plots": draw_plots(pair, stage)})
+            ws.commit(spec.force)
+    distributed.main_done(0)
     return rep
 
 
@@ -87,10 +108,13 @@ def load_inputs(spec: RunSpec) -> Inputs:
     loaded = load_model(m.spec, weights=m.weights, arch=m.arch, trust_pickle=m.trust_pickle, seed=spec.prune.seed)
     data = None
     if spec.data:
-        from deploy_prune.data import load_data
+        from deploy_prune.data import LoaderOptions, load_data
 
         data = load_data(spec.data, batch_size=spec.train.batch_size, seed=spec.prune.seed,
-                         input_shape=spec.input_shape)
+                         input_shape=spec.input_shape,
+                         options=LoaderOptions(workers=spec.workers, image_size=spec.image_size,
+                                               skip_bad_images=spec.skip_bad_images, progress=spec.progress))
+        loaded.notes.extend(data.notes)  # e.g. how many unreadable images were skipped (report notes)
     shape = tuple(spec.input_shape or (data.input_shape if data else None) or loaded.input_shape
                   or DEFAULT_INPUT_SHAPE)
     loaded.model.eval()
@@ -150,8 +174,10 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
             export_onnx(m, raw / v.file, batches[0])
             cleanup = cleanup_onnx(raw / v.file, path)
             acc = known[v.kind] if v.kind in known else trainer.accuracy(m)
+            par = parity(path, m, batches)
             made.append(Made(v.kind, v.file, count_params(m), count_nonzero(m), count_macs(m, inputs.shape),
-                             onnx_size(path), acc, parity(path, m, batches), cleanup))
+                             onnx_size(path), acc, par, cleanup,
+                             notes=(f"{v.kind} parity: {par['note']}",) if par.get("note") else ()))
         else:
             assert v.derive is not None and v.source is not None
             ctx = variants_mod.DeriveContext(stage / variants_mod.get(v.source).file, path, modules[v.source],
@@ -164,9 +190,11 @@ def make_variants(chosen: list[variants_mod.Variant], pair: PrunedPair, dense: n
     check_same_outputs(made)
     bad = [m for m in made if not m.parity["ok"]]
     if bad:
-        detail = "; ".join(f"{m.kind}: max|diff| {m.parity['max_abs_diff']:.3g} (rel "
-                           f"{m.parity.get('max_rel_diff', 0):.3g})" for m in bad)
-        verb = "disagrees with" if any(m.parity["max_abs_diff"] > 0 for m in bad) else "could not be checked against"
+        from deploy_prune.export import parity_failure
+
+        failures = {m.kind: parity_failure(m.parity) for m in bad}
+        detail = "; ".join(f"{kind}: {text}" for kind, (_, text) in failures.items())
+        verb = "disagrees with" if any(d for d, _ in failures.values()) else "could not be checked against"
         raise ParityError(f"ONNX Runtime {verb} PyTorch for {', '.join(m.kind for m in bad)} ({detail}); "
                           "nothing was written")
     return made

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from deploy_prune import criteria
+from deploy_prune import criteria, distributed
 from deploy_prune.errors import BadInput, opt
 from deploy_prune.metrics import count_nonzero, count_params
 from deploy_prune.spec import PrunePlan, PruneSpec
@@ -61,9 +62,13 @@ class PrunedPair:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _plan_config(spec: PruneSpec, ratio: float) -> PlanConfig:
+def _plan_config(spec: PruneSpec, ratio: float, crit: Any = None) -> PlanConfig:
     assert isinstance(spec.round_to, int), "round_to auto is resolved in prune_pair"
-    return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=spec.max_layer_ratio,
+    # a criterion may limit each step further (slimming: Liu et al.'s "at most 50% of any layer" per pass);
+    # with a latency target the search owns the widths, so only --max-layer-ratio applies
+    cap = getattr(crit, "step_layer_cap", None) if spec.target is None else None
+    limit = min(spec.max_layer_ratio, cap) if cap is not None else spec.max_layer_ratio
+    return PlanConfig(ratio=ratio, round_to=spec.round_to, max_layer_ratio=limit,
                       layer_ratios=dict(spec.layer_ratios), scope=spec.scope)
 
 
@@ -90,17 +95,21 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         crit = criteria.create(spec.criterion, spec.options)
         ctx = criteria.ScoreContext(data=trainer.data, seed=spec.seed + step, progress=trainer.progress)
         crit.prepare(model, graph, ctx)
-        cfg = _plan_config(spec, 1 - step_keep)
+        cfg = _plan_config(spec, 1 - step_keep, crit)
         if spec.target is not None:
             assert measure is not None
-            if found is None:
-                found = search(model, graph, crit, cfg, spec.target, shape, measure, getattr(say, "note", say))
+            if found is None:  # measured: on rank 0 only under torchrun, the result broadcast to every rank
+                found = distributed.on_main(lambda: search(model, graph, crit, cfg, spec.target, shape, measure,
+                                                           getattr(say, "note", say)))
             step_plan = plan_from_roots(graph, choose(graph, crit, step_counts(graph, found, step, spec.steps, cfg)))
         else:
             step_plan = select(graph, crit, cfg)
+        distributed.check_same_plan(step_plan, f"the pruning plan of step {step + 1}")  # no-op without torchrun
         widths_before = sum(graph.layer_widths().values())
         prune_channels(model, graph, step_plan)
         plan = step_plan if plan is None else plan.then(step_plan)
+        if finetune:  # BatchNorm statistics of the narrowed network, before it is evaluated (EagleEye)
+            trainer.recalibrate(model, f"structured step {step + 1}")
         acc = trainer.accuracy(model) if finetune else None
         if step == 0:
             first, skipped, acc_before = ctx, dict(graph.skipped), acc
@@ -133,6 +142,7 @@ def structured_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
     say(f"unstructured: magnitude masks to {target:,} non-zero weights")
     unstructured = copy.deepcopy(dense)
     mask_to_nonzero(unstructured, target)  # live masks: finetuning cannot revive a pruned weight
+    trainer.recalibrate(unstructured, "unstructured masks")
     before = trainer.accuracy(unstructured)
     trainer.finetune(unstructured, "finetune unstructured")
     make_permanent(unstructured)
@@ -195,6 +205,7 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
                       lr=trainer.spec.lr or 1.2e-3, optimizer="adam", seed=spec.seed, progress=trainer.progress,
                       reinit_control=o.reinit_control)
     ticket = res.model
+    distributed.check_same("the lottery ticket's masks", _masks_digest(res.masks))
     info: dict[str, Any] = {"history": res.history, "reinit_accuracy": res.reinit_accuracy}
     if twin is None:
         say("structured: L1 matched to the ticket's non-zero count")
@@ -207,6 +218,9 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
     ticket_nonzero = count_nonzero(ticket)
     info["ticket_accuracy"] = trainer.accuracy(ticket)
     mask_to_nonzero(ticket, count_nonzero(structured.model))
+    # the trim is a surgery after training: re-estimate BN here. Not inside find_ticket's rounds: each round
+    # rewinds to theta_0 (BatchNorm buffers included) and then trains, which re-estimates them anyway.
+    trainer.recalibrate(ticket, "ticket trimmed to the structured count")
     before = trainer.accuracy(ticket)
     trainer.finetune(ticket, "finetune trimmed ticket")
     make_permanent(ticket)
@@ -214,6 +228,16 @@ def ticket_first(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trai
     info["trimmed_to_match"] = ticket_nonzero - count_nonzero(ticket)
     info["matched_structured_ratio"] = round(matched, 4)
     return PrunedPair(structured, ticket, before, sparsity, {"lottery": info})
+
+
+def _masks_digest(masks: dict[str, Any]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(masks[name].reshape(-1).to(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _weight_sparsity(dense: nn.Module, pruned: nn.Module) -> float:
@@ -237,9 +261,10 @@ def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], traine
     if spec.round_to == "auto":
         if measure is None:
             raise ValueError("round_to auto needs a Measure (provider, threads) to measure with")
-        spec, extra["round_to_auto"] = resolve_round_to(dense, spec, shape, measure, say)
+        spec, extra["round_to_auto"] = distributed.on_main(lambda: resolve_round_to(dense, spec, shape, measure, say))
     pair = PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say, measure)
     pair.report.update(extra)
+    pair.report.update(trainer.report())
     if pair.structured.target is not None:
         pair.report["target"] = pair.structured.target.report()
     pair.report["round_to"] = spec.round_to

@@ -256,10 +256,64 @@ def verdict(report: Mapping[str, Any]) -> str:
             parts.append(f"unstructured at the same non-zero count: {_x(sp)} — dense kernels do not skip zeros")
         else:
             parts.append(f"unstructured at the same non-zero count: {_x(sp)}")
+    parts += _int8_verdict(report)
     failed = [x["kind"] for x in _ordered(report) if not x.get("parity", {}).get("ok", True)]
     if failed:
         parts.append(f"WARNING: ONNX parity failed for {', '.join(failed)}")
     return "; ".join(parts) if parts else "no variants to compare"
+
+
+def _int8_verdict(report: Mapping[str, Any]) -> list[str]:
+    """The int8 variant's part of the verdict: its speed against fp32 structured, or why it has none."""
+    v = _by_kind(report)
+    q, st = v.get("int8"), v.get("structured")
+    if q is None or st is None:
+        return []
+    details = (report.get("variant_details") or {}).get("int8") or {}
+    agree = q.get("parity", {}).get("top1_agreement")
+    agreement = f"top-1 agreement with fp32 {100 * agree:.1f}%" if agree is not None else "top-1 agreement unknown"
+    latency = details.get("latency") or {}
+    if latency.get("meaningful") is False:
+        return [f"int8: {agreement}; latency not meaningful on {report['environment']['provider']} (no INT8 "
+                "convolution kernels)"]
+    ratio = float(st["latency_ms"]["p50"]) / float(q["latency_ms"]["p50"])
+    if ratio >= 1 + _NOISE:
+        speed = f"{_x(ratio)} faster than fp32 structured"
+    elif ratio <= 1 - _NOISE:
+        speed = f"{_x(ratio)}, slower than fp32 structured"
+    else:
+        speed = f"{_x(ratio)} vs fp32 structured, no measurable speedup"
+    return [f"int8: {speed}, {agreement}"]
+
+
+def _int8_rows(report: Mapping[str, Any]) -> list[str]:
+    """The int8 variant: how it was quantized and calibrated, and how it compares with fp32 structured."""
+    details = (report.get("variant_details") or {}).get("int8")
+    q = _by_kind(report).get("int8")
+    if not isinstance(details, Mapping) or q is None:
+        return []
+    quant, par, lat = details.get("quantization") or {}, details.get("parity") or {}, details.get("latency") or {}
+    cal = quant.get("calibration") or {}
+    lines = ["", "## INT8", "",
+             f"{quant.get('tool', 'ONNX Runtime static quantization')}: {quant.get('format')} format, activations "
+             f"{quant.get('activation_type')}, weights {quant.get('weight_type')}"
+             f"{' per channel' if quant.get('per_channel') else ''}, reduce_range={quant.get('reduce_range')} "
+             f"({quant.get('reduce_range_reason', '')}). Calibration: {cal.get('method')} on {cal.get('images')} "
+             f"{cal.get('split')} images.", ""]
+    agree = q["parity"].get("top1_agreement")
+    if agree is not None:
+        lines.append(f"Top-1 agreement with the fp32 structured model: **{100 * agree:.2f}%** of "
+                     f"{par.get('images', '?')} {par.get('split', 'val')} images (needed: "
+                     f"{100 * float(par.get('min_top1_agreement', 0)):.0f}%); accuracy {_accuracy(q['accuracy'])} "
+                     f"(fp32 structured on ONNX Runtime: {_accuracy(par.get('fp32_accuracy'))}); largest logit "
+                     f"difference {q['parity']['max_abs_diff']:.3g}.")
+    if lat.get("meaningful") is False:
+        lines += ["", f"**The int8 latency above is not meaningful:** {lat.get('reason', '')}."]
+    nodes = quant.get("qdq_nodes")
+    if isinstance(nodes, Mapping) and nodes:
+        lines += ["", "Quantization nodes in the file: " + ", ".join(f"{k} {n}" for k, n in sorted(nodes.items()))
+                  + "."]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,6 +488,31 @@ def _target_rows(report: Mapping[str, Any]) -> list[str]:
     return lines + _table(probes) if probes else lines
 
 
+def _recipe_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line each on BatchNorm re-estimation and the finetuning recipe (or why they were skipped)."""
+    out = []
+    bn = report.get("bn_recalibration")
+    if isinstance(bn, Mapping):
+        if bn.get("done"):
+            where = ", ".join(str(d.get("after")) for d in bn["done"])
+            out.append(f"BatchNorm statistics re-estimated on {bn['done'][0].get('images')} training images "
+                       f"({bn.get('batches')} batches) after: {where}; accuracy before finetuning is measured after it.")
+        elif bn.get("skipped"):
+            out.append(f"BatchNorm re-estimation skipped ({bn['skipped']}).")
+    ft = report.get("finetune")
+    if isinstance(ft, Mapping):
+        kd = ft.get("distillation") or {}
+        if ft.get("skipped"):
+            out.append(f"Finetuning skipped ({ft['skipped']}).")
+        else:
+            distil = (f"distillation from dense (T={kd.get('temperature')}, alpha={kd.get('alpha')})"
+                      if "temperature" in kd else f"no distillation ({kd.get('skipped')})")
+            out.append(f"Finetuning: {ft.get('epochs')} epochs, {ft.get('optimizer')} lr {ft.get('lr')} "
+                       f"(weight decay {ft.get('weight_decay')} on conv/linear weights only), {ft.get('schedule')} "
+                       f"schedule with {ft.get('warmup_epochs')} warm-up epochs, {distil}.")
+    return ["", *out] if out else []
+
+
 def _schedule_rows(report: Mapping[str, Any]) -> list[str]:
     """The iterative schedule (``--steps``, the seed's Table 2) and lottery rounds, when the run had them."""
     lines: list[str] = []
@@ -494,6 +573,7 @@ def _markdown(
             lines += ["", f"Accuracy before finetuning: {shown}."]
     elif isinstance(before_ft, (int, float)):
         lines += ["", f"Accuracy before finetuning: {_accuracy(float(before_ft))}."]
+    lines += _recipe_lines(report)
 
     cleanup = _cleanup_rows(opt("cleanup"))
     if cleanup:
@@ -513,6 +593,7 @@ def _markdown(
 
     lines += _target_rows(report)
     lines += _schedule_rows(report)
+    lines += _int8_rows(report)
 
     layers = report.get("layers", [])
     lines += ["", "## Pruned layers", ""]

@@ -233,11 +233,33 @@ class ModelSource:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec:
-    """Finetuning (and evaluation) settings."""
+    """Finetuning (and evaluation) settings; ``deploy_prune.train.recipe`` and ``.bn`` explain the recipe.
+
+    Attributes:
+        epochs: finetune epochs after pruning (per step of ``--steps``).
+        lr: base learning rate; None = the optimizer's default (1e-3 for adamw/adam, 1e-2 for sgd).
+        batch_size: for finetuning, evaluation and BatchNorm re-estimation.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (momentum 0.9).
+        weight_decay: on conv/linear weights only; None = the optimizer's default (1e-2 / 0 / 1e-4).
+        lr_schedule: ``cosine`` (to 0 over each finetuning run) or ``constant``, after the warm-up.
+        warmup_epochs: linear warm-up length in epochs (at most half the run); 0 = none.
+        distill: distil from the dense model (Hinton et al. 2015) while finetuning.
+        distill_temperature, distill_alpha: T and the soft term's weight alpha.
+        bn_recalib_batches: training batches to re-estimate BatchNorm statistics on after every surgery;
+            0 = off.
+    """
 
     epochs: int = 3
     lr: float | None = None
     batch_size: int = 64
+    optimizer: str = "adamw"
+    weight_decay: float | None = None
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.3
+    distill: bool = True
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.5
+    bn_recalib_batches: int = 50
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -246,6 +268,20 @@ class TrainSpec:
             raise BadInput(f"{opt('batch_size')} must be >= 1")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise BadInput(f"{opt('lr')} must be a positive number")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise BadInput(f"{opt('optimizer')} {self.optimizer!r}: choose adamw, adam or sgd")
+        if self.weight_decay is not None and not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise BadInput(f"{opt('weight_decay')} must be a number >= 0")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise BadInput(f"{opt('lr_schedule')} {self.lr_schedule!r}: choose cosine or constant")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            raise BadInput(f"{opt('warmup_epochs')} must be a number >= 0 (0 = no warm-up)")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise BadInput(f"{opt('distill_temperature')} must be a positive number (Hinton et al. use 1-20)")
+        if not 0 <= self.distill_alpha <= 1:
+            raise BadInput(f"{opt('distill_alpha')} must be between 0 and 1 (the weight of the distillation term)")
+        if self.bn_recalib_batches < 0:
+            raise BadInput(f"{opt('bn_recalib_batches')} must be >= 0 (0 turns BatchNorm re-estimation off)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,12 +308,16 @@ class RunSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
     data: str | None = None
+    workers: int = 0  # imagefolder: DataLoader worker processes
+    image_size: int | None = None  # imagefolder: square crop size (sets the input shape's H and W)
+    skip_bad_images: bool = False  # imagefolder: skip and count unreadable images instead of failing
     input_shape: tuple[int, ...] | None = None
     out: Path = Path("deploy-prune-out")
     force: bool = False
     variants: tuple[str, ...] = ()  # optional variants asked for (e.g. "int8"); dense/unstructured/structured always
     variant_options: Mapping[str, Any] = field(default_factory=dict)  # kind -> its Options instance
     progress: bool = True
+    resume: bool = False  # continue the interrupted run of the same arguments at ``out`` (resume.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -296,6 +336,16 @@ class RunSpec:
             raise BadInput(f"options were given for the {stray[0]} variant, which this run does not make: add "
                            f"{opt(stray[0])} or drop them")
         object.__setattr__(self, "variant_options", MappingProxyType(options))
+        if self.workers < 0:
+            raise BadInput(f"{opt('workers')} must be >= 0 (0 decodes images in the main process)")
+        if self.image_size is not None and not (self.data or "").lower().startswith("imagefolder:"):
+            raise BadInput(f"{opt('image_size')} sets the crop of imagefolder data: pass {opt('data')} "
+                           f"imagefolder:DIR, or {opt('input_shape')} for the model's input")
+        for kind in self.variants:
+            use = registry.get(kind).needs_data
+            if use and not self.data:
+                raise BadInput(f"{opt(kind)} needs {use}: pass {opt('data')} mnist5k or {opt('data')} "
+                               "imagefolder:DIR")
         if self.prune.needs_data and not self.data:
             from deploy_prune import criteria
 

@@ -83,6 +83,8 @@ class Variant:
         color: its colour in the plots.
         Options: a frozen dataclass of the variant's own options, declared with
             :func:`deploy_prune.criteria.option` (the CLI builds their flags), or None.
+        needs_data: what the variant needs ``--data`` for (a run asking for it without data is refused
+            before anything is trained), or None.
     """
 
     kind: str
@@ -94,6 +96,7 @@ class Variant:
     optional: bool = False
     color: str = "#2ca02c"
     Options: type | None = None
+    needs_data: str | None = None
 
     def __post_init__(self) -> None:
         if (self.module is None) == (self.derive is None):
@@ -172,3 +175,12 @@ register(Variant("unstructured", "unstructured.onnx",
                  module=lambda pair, dense: pair.unstructured, color="#ff7f0e"))
 register(Variant("structured", "model.onnx", "channels removed: the production handoff",
                  module=lambda pair, dense: pair.structured.model, color="#1f77b4"))
+
+# int8 imports no ONNX Runtime until it runs (``import deploy_prune.report`` stays runtime-free).
+from deploy_prune import quantize as _quantize  # noqa: E402
+
+register(Variant("int8", "model_int8.onnx",
+                 "the structured model statically quantized with ONNX Runtime (QDQ, u8/s8, per-channel weights), "
+                 "calibrated on --data's train split; reduce_range chosen from the CPU's VNNI support",
+                 derive=_quantize.derive, source="structured", optional=True, color="#9467bd",
+                 Options=_quantize.Int8Options, needs_data=_quantize.NEEDS_DATA))

@@ -115,6 +115,9 @@ def test_prune_keeps_the_callers_mode_and_takes_a_dataloader(model: nn.Module) -
         ({"criterion": "lottery"}, ["lottery", "criterion"]),
         ({"l1_mode": "nope"}, ["l1_mode"]),
         ({"calib_batches": 3}, ["calib_batches", "apoz"]),
+        ({"target_speedup": 0.5}, ["target_speedup 0.5 is out of range"]),
+        ({"target_latency": -1.0}, ["target_latency"]),
+        ({"ratio": 0.5, "round_to": 0}, ["round_to"]),
     ],
 )
 def test_errors_are_the_cli_line_with_keyword_names(model: nn.Module, kwargs: dict, needles: list[str]) -> None:

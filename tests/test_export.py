@@ -342,11 +342,15 @@ def test_parity_near_zero_output_is_not_silently_ok(tmp_path: Path) -> None:
     assert bad["max_abs_diff"] < 1e-6
     assert not bad["ok"]
 
-    # An output that is exactly zero proves nothing at all, even though ORT matches it exactly.
+    # An output that is exactly zero proves nothing by itself, even though ORT matches it exactly: the graph is
+    # then checked at the classifier's input (tests/test_hardening.py covers the cases where it cannot be).
     with torch.no_grad():
         tiny.fc.weight.zero_()
     zero_path = tmp_path / "zero.onnx"
     export_onnx(tiny, zero_path, torch.randn(*SHAPE))
     zero = parity(zero_path, tiny, [torch.randn(2, *SHAPE[1:])])
-    assert zero["max_abs_diff"] == 0.0
-    assert not zero["ok"]
+    assert zero["max_abs_diff"] == 0.0 and zero["ok"] and zero["head_input"]["ok"]
+    wrong_zero = copy.deepcopy(tiny)
+    with torch.no_grad():
+        wrong_zero.conv2.weight.mul_(1.05)
+    assert not parity(zero_path, wrong_zero, [torch.randn(2, *SHAPE[1:])])["ok"]

@@ -127,6 +127,7 @@ def test_run_with_a_zero_initialised_classifier_succeeds(tmp_path: Path, capsys:
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     assert all(v["parity"]["ok"] and v["parity"]["max_abs_diff"] == 0.0 for v in rep["variants"])
+    assert sum("parity was proven on the classifier's input" in n for n in rep["notes"]) == 3  # every variant
 
 
 def test_run_with_an_all_zero_model_says_why_and_asks_for_weights(tmp_path: Path,
@@ -144,3 +145,24 @@ def test_run_with_an_all_zero_model_says_why_and_asks_for_weights(tmp_path: Path
     line = _one_line_exit_2(code, err)
     assert "identically zero" in line and "--weights" in line and "disagrees" not in line
     assert not out.exists()
+
+
+class _ZeroHeadExportsDifferently(_ZeroHead):
+    """Zero classifier over a body that computes something else while exported: a real disagreement that only
+    the classifier's input shows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        if torch.compiler.is_exporting():
+            h = h * 1.5
+        return self.head(torch.relu(h + self.body(h)).mean((2, 3)))
+
+
+def test_a_zero_output_over_a_wrong_graph_is_a_disagreement_with_numbers(tmp_path: Path) -> None:
+    import deploy_prune as dp
+
+    with pytest.raises(dp.ParityError) as exc:
+        dp.export(_ZeroHeadExportsDifferently().eval(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    msg = str(exc.value)
+    assert "disagrees" in msg and "classifier input max|diff|" in msg and "max|diff| 0 " not in msg, msg
+    assert not (tmp_path / "m.onnx").exists()

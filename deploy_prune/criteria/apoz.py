@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from deploy_prune import distributed
 from deploy_prune.criteria.base import BaseCriterion, CriterionOptions, ScoreContext, option, register
 from deploy_prune.errors import BadInput, opt
 from deploy_prune.surgery.graph import DependencyGraph, Group
@@ -86,15 +87,19 @@ def count_zeros(graph: DependencyGraph, batches: Any, max_batches: int
     model.eval()
     try:
         with torch.no_grad():
-            for x, *_ in batches:
-                if used >= max_batches:
-                    break
+            # data-parallel: each rank counts its share of the first max_batches batches; the counts are summed
+            for x, *_ in distributed.shard_eval(batches, max_batches):
                 counter.run(x.to(device))
                 images += int(x.shape[0])
                 used += 1
     finally:
         model.train(was_training)
-    return counter.zeros, counter.positions, images, used
+    if not distributed.active():
+        return counter.zeros, counter.positions, images, used
+    zeros = distributed.sum_tensors(counter.zeros)
+    positions = distributed.sum_tensors({k: torch.tensor(v, dtype=torch.int64) for k, v in counter.positions.items()})
+    images, used = distributed.sum_numbers(images, used)
+    return zeros, {k: int(v) for k, v in positions.items()}, int(images), int(used)
 
 
 @dataclass(frozen=True)

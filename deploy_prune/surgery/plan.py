@@ -108,14 +108,22 @@ def comparable_scores(graph: DependencyGraph, criterion: Criterion) -> dict[int,
 
 def global_counts(graph: DependencyGraph, scores: dict[int, torch.Tensor], cfg: PlanConfig) -> dict[int, int]:
     """Global scope: the ``ratio`` share of all finitely-scored channels with the lowest scores is chosen across
-    the whole network (exactly ``int(total * ratio)``, ties broken by graph order), then each group's count is
-    adjusted to the same limits as local pruning (never empty, ``max_layer_ratio``, ``round_to``)."""
+    the whole network (exactly ``int(total * ratio)``, ties broken by graph order), passing over the channels
+    of a group that already loses its ``max_layer_ratio`` share, so a capped group's quota goes to the next
+    lowest channels elsewhere; then each group's count is adjusted to the same limits as local pruning (never
+    empty, ``max_layer_ratio``, ``round_to``)."""
     pool = [(float(s[i]), gi, i) for gi, g in enumerate(graph.groups) for s in (scores[g.id],)
             for i in range(g.size) if math.isfinite(float(s[i]))]
     k = int(len(pool) * cfg.ratio + 1e-9)
     below = [0] * len(graph.groups)
-    for _, gi, _ in sorted(pool)[:k]:
-        below[gi] += 1
+    cap = [g.size - max(1, math.ceil(g.size * (1 - cfg.max_layer_ratio) - 1e-9)) for g in graph.groups]
+    taken = 0
+    for _, gi, _ in sorted(pool):
+        if taken == k:
+            break
+        if below[gi] < cap[gi]:
+            below[gi] += 1
+            taken += 1
     return {g.id: (g.size if n == 0 else
                    kept_count(g.size, n / g.size, cfg, g.multiple_of, g.channels_per_class, g.grouped))
             for g, n in zip(graph.groups, below)}

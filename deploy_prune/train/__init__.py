@@ -1,23 +1,29 @@
-"""Training: the loop and evaluation (:mod:`.loop`), and the schedules pruning methods need (Network Slimming's
-sparsity training in :mod:`.sparsity`, the lottery-ticket rounds in :mod:`.lottery`).
+"""Training: the loop and evaluation (:mod:`.loop`), the finetuning recipe's parts (:mod:`.recipe`: optimizer
+groups, warm-up + cosine schedule, distillation), BatchNorm re-estimation (:mod:`.bn`), and the schedules
+pruning methods need (Network Slimming's sparsity training in :mod:`.sparsity`, the lottery-ticket rounds in
+:mod:`.lottery`).
 
-:class:`Trainer` is what the pipeline hands to the pruning stage: the run's finetuning recipe and evaluation,
-bound to its data.
+:class:`Trainer` is what the pipeline hands to the pruning stage: the run's finetuning recipe, BatchNorm
+re-estimation and evaluation, bound to its data and to the dense model it distils from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from deploy_prune.spec import TrainSpec
+from deploy_prune.train.bn import recalibrate_bn
 from deploy_prune.train.loop import evaluate, finetune, train
+from deploy_prune.train.recipe import DEFAULT_LR as _LRS, DEFAULT_WEIGHT_DECAY, Recipe, distillation_loss, \
+    lr_factor, make_optimizer
 
-__all__ = ["Trainer", "evaluate", "finetune", "train"]
+__all__ = ["Trainer", "evaluate", "finetune", "recalibrate_bn", "train"]
 
-DEFAULT_LR = 1e-3
+DEFAULT_LR = _LRS["adam"]
 
 
 @dataclass
@@ -27,14 +33,17 @@ class Trainer:
     Attributes:
         data: a :class:`~deploy_prune.data.DataBundle` or None.
         spec: epochs, learning rate, batch size.
-        seed: seeds every finetuning run.
+        seed: seeds every finetuning run and the order of the BatchNorm re-estimation batches.
         progress: show progress bars.
+        teacher: the dense model distilled from (``spec.distill``); None = plain cross-entropy.
     """
 
     data: Any
     spec: TrainSpec
     seed: int = 0
     progress: bool = True
+    teacher: nn.Module | None = None
+    recalibrated: list[dict[str, Any]] = field(default_factory=list)  # one row per re-estimation done
 
     @property
     def epochs(self) -> int:
@@ -47,12 +56,73 @@ class Trainer:
             return None
         return round(float(evaluate(model, self.data.val)), 2)
 
+    def recipe(self) -> Recipe:
+        """The finetuning settings, with the optimizer's default LR and weight decay filled in."""
+        s = self.spec
+        return Recipe(optimizer=s.optimizer, lr=s.lr if s.lr is not None else _LRS[s.optimizer],
+                      weight_decay=s.weight_decay if s.weight_decay is not None else DEFAULT_WEIGHT_DECAY[s.optimizer],
+                      schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs, distill=self.distilling,
+                      temperature=s.distill_temperature, alpha=s.distill_alpha)
+
+    @property
+    def distilling(self) -> bool:
+        return self.spec.distill and self.teacher is not None and self.data is not None
+
+    def recalibrate(self, model: nn.Module, what: str) -> dict[str, Any] | None:
+        """Re-estimate ``model``'s BatchNorm statistics on ``spec.bn_recalib_batches`` training batches
+        (:func:`deploy_prune.train.bn.recalibrate_bn`); nothing without data or with 0 batches."""
+        if self.data is None or self.spec.bn_recalib_batches <= 0:
+            return None
+        done = recalibrate_bn(model, self.data.train, self.spec.bn_recalib_batches, seed=self.seed)
+        if done is not None:
+            self.recalibrated.append({"after": what, **done})
+        return done
+
     def finetune(self, model: nn.Module, desc: str, *, epochs: int | None = None,
                  after_step: Callable[[nn.Module], None] | None = None) -> None:
-        """Finetune ``model`` in place (Adam, constant learning rate); nothing without data or epochs."""
+        """Finetune ``model`` in place with the run's recipe (:meth:`recipe`); nothing without data or epochs."""
         epochs = self.spec.epochs if epochs is None else epochs
         if self.data is None or epochs <= 0:
             return
-        lr = self.spec.lr if self.spec.lr is not None else DEFAULT_LR
-        train(model, self.data.train, epochs=epochs, lr=lr, optimizer="adam", weight_decay=0.0,
+        r = self.recipe()
+        warmup = r.warmup_steps(len(self.data.train), epochs * len(self.data.train))
+        loss_fn = None
+        if r.distill:
+            teacher = self.teacher
+            assert teacher is not None
+            teacher.eval()
+
+            def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    target = teacher(x)
+                return distillation_loss(logits, target, y, temperature=r.temperature, alpha=r.alpha)
+
+        train(model, self.data.train, epochs=epochs, lr=r.lr,
+              optimizer=lambda m: make_optimizer(m, r.optimizer, r.lr, r.weight_decay),
+              lr_schedule=lambda step, total: lr_factor(step, total, warmup, r.schedule), loss_fn=loss_fn,
               after_step=after_step, seed=self.seed, desc=desc, progress=self.progress)
+
+    def report(self) -> dict[str, Any]:
+        """The report's ``finetune`` and ``bn_recalibration`` entries: what was done, or why it was skipped."""
+        s = self.spec
+        ft: dict[str, Any] = {"epochs": s.epochs if self.data is not None else 0}
+        if self.data is None:
+            ft["skipped"] = "no --data"
+        elif s.epochs <= 0:
+            ft["skipped"] = "--epochs 0 / --no-finetune"
+        else:
+            ft.update(self.recipe().report())
+        if self.distilling and s.epochs > 0:
+            ft["distillation"] = {"teacher": "dense", "temperature": s.distill_temperature, "alpha": s.distill_alpha,
+                                  "loss": "alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*CE"}
+        else:
+            why = ("no --data" if self.data is None else "--no-distill" if not s.distill else
+                   "no finetuning" if s.epochs <= 0 else "no dense model to distil from")
+            ft["distillation"] = {"skipped": why}
+        bn: dict[str, Any] = {"batches": s.bn_recalib_batches}
+        if self.recalibrated:
+            bn["done"] = list(self.recalibrated)
+        else:
+            bn["skipped"] = ("no --data" if self.data is None else "--bn-recalib-batches 0"
+                             if s.bn_recalib_batches <= 0 else "no BatchNorm layers")
+        return {"finetune": ft, "bn_recalibration": bn}

@@ -194,12 +194,25 @@ def find_ticket(model: nn.Module, data: Any, *, target_sparsity: float, rounds: 
     rewind_state = _snapshot(net) if rewind_iter == 0 else None
     steps = 0
 
-    def after_step(m: nn.Module) -> None:
-        nonlocal steps, rewind_state
-        zero_masked(m, masks)
-        steps += 1
-        if rewind_state is None and steps == rewind_iter:
-            rewind_state = _snapshot(m)
+    class AfterStep:
+        """Re-applies the masks after every step and takes the rewind snapshot; its state is saved with the
+        run's epoch checkpoints (resume.py) so that a resumed search rewinds to the same weights."""
+
+        def __call__(self, m: nn.Module) -> None:
+            nonlocal steps, rewind_state
+            zero_masked(m, masks)
+            steps += 1
+            if rewind_state is None and steps == rewind_iter:
+                rewind_state = _snapshot(m)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"steps": steps, "rewind_state": rewind_state}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            nonlocal steps, rewind_state
+            steps, rewind_state = int(state["steps"]), state["rewind_state"]
+
+    after_step = AfterStep()
 
     def run(m: nn.Module, label: str) -> tuple[float, float | None]:
         losses = train(m, data.train, epochs=epochs_per_round, lr=lr, optimizer=optimizer, momentum=momentum,
