@@ -34,6 +34,23 @@ def group_label(modules: tuple[str, ...] | list[str]) -> str:
     return modules[0] if len(modules) == 1 else f"{modules[0]} (+{len(modules) - 1} coupled)"
 
 
+def _check_logits(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Accuracy here is a classifier's top-1: refuse a model with dense or several outputs in one line."""
+    import torch
+
+    from deploy_prune.outputs import LOGITS, named_outputs
+
+    with torch.no_grad():
+        try:
+            out = model.eval()(torch.zeros(*input_shape))
+        except Exception:  # noqa: BLE001 - a shape problem is reported by the analysis with its own message
+            return
+    names = [n for n, _ in named_outputs(out)]
+    if names != [LOGITS]:
+        raise BadInput(f"the sensitivity sweep measures a classifier's top-1 accuracy, but the model returns "
+                       f"{', '.join(names)} rather than one logits tensor; prune it with run (no data) instead")
+
+
 def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, criterion: Any = "l1",
                 fractions: tuple[float, ...] = DEFAULT_FRACTIONS, max_batches: int | None = None,
                 seed: int = 0, options: Any = None, progress: bool = True) -> dict[str, Any]:
@@ -57,6 +74,7 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
     if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
         raise BadInput(f"sensitivity fractions must lie in (0, 1), got {list(fractions)}")
     work = copy.deepcopy(model)
+    _check_logits(work, input_shape)
     graph = analyze(work, input_shape)
     crit = criteria.create(criterion, options) if isinstance(criterion, str) else criterion
     ctx = criteria.ScoreContext(data=data, seed=seed, progress=progress)

@@ -315,3 +315,10 @@ def test_a_pruned_segmentation_model_with_its_aux_head_reloads_from_pruned_pt(tm
     assert list(got) == ["out", "aux"] and got["aux"].shape == (2, 3, 32, 32)
     for k in want:
         torch.testing.assert_close(got[k], want[k])
+
+
+def test_the_sensitivity_sweep_refuses_dense_outputs() -> None:
+    from deploy_prune.sensitivity import sensitivity
+
+    with pytest.raises(BadInput, match="returns seg, aux rather than one logits tensor"):
+        sensitivity(DictHeads(cin=1).eval(), None, (1, 1, 28, 28))
