@@ -105,8 +105,11 @@ def run(ctx: Context) -> dict[str, Any]:
     near = [h["fraction_near_zero"] for h in sorted(hists, key=lambda h: h["lambda"])]
     monotone = all(a <= b + 1e-9 for a, b in zip(near, near[1:]))
     by = {(r["lambda"], r["fraction"]): r for r in rows}
-    lam_hi, f_hi = max(s["lambdas_run"]), s["fractions"][-1]
-    gain = by[(lam_hi, f_hi)]["accuracy_pruned"] - by[(0.0, f_hi)]["accuracy_pruned"]
+    # the largest lambda that still trains (within 2 points of lambda = 0 before pruning): a lambda that takes
+    # every gamma to 0 collapses the network, and "pruning it costs nothing" would then be vacuous
+    usable = [lam for lam in s["lambdas_run"] if lam > 0 and accuracy[lam] >= accuracy[0.0] - 2.0]
+    lam_hi, f_hi = max(usable, default=0.0), s["fractions"][-1]
+    gain = by[(lam_hi, f_hi)]["accuracy_pruned_bn"] - by[(0.0, f_hi)]["accuracy_pruned_bn"]
     return {"paper": PAPER, "settings": {**s, "model": "builtin:mnist_cnn from scratch, gamma init 0.5",
                                          "lr_phases": _phases(s["epochs"]), "seed": seed, "steps_per_epoch": steps,
                                          "sum_lr": round(sum_lr, 2), "paper_sum_lr": PAPER_SUM_LR,
@@ -115,9 +118,10 @@ def run(ctx: Context) -> dict[str, Any]:
             "rows": rows,
             "finding": {"claim": "a larger lambda pushes more gammas towards 0, and pruning by gamma then costs less "
                                  "accuracy before finetuning",
-                        "holds": monotone and gain >= 0,
-                        "measured": "fraction of |gamma| < {}: {}; at {:.0%} pruned, lambda={:g} vs 0: {:+.2f} points "
-                                    "before finetuning".format(s["near_zero"], ", ".join(
+                        "holds": monotone and lam_hi > 0 and gain > 0,
+                        "measured": "fraction of |gamma| < {}: {}; at {:.0%} pruned, lambda={:g} (the largest that "
+                                    "trains within 2 points) vs 0: {:+.2f} points before finetuning (BN statistics "
+                                    "re-estimated)".format(s["near_zero"], ", ".join(
                                         f"{h['fraction_near_zero']:.1%} (lambda={h['lambda']:g})" for h in hists),
                                         f_hi, lam_hi, gain)}}
 
