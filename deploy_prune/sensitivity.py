@@ -16,6 +16,7 @@ then prunes a fresh copy of it with :func:`~deploy_prune.surgery.plan.select` re
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def _check_logits(model: nn.Module, input_shape: tuple[int, ...]) -> None:
 
 def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, criterion: Any = "l1",
                 fractions: tuple[float, ...] = DEFAULT_FRACTIONS, max_batches: int | None = None,
-                seed: int = 0, options: Any = None, progress: bool = True) -> dict[str, Any]:
+                seed: int = 0, options: Any = None, progress: bool = True,
+                after_prune: Callable[[nn.Module], Any] | None = None) -> dict[str, Any]:
     """Prune every group alone at each fraction, without retraining, and measure validation accuracy.
 
     Args:
@@ -66,6 +68,8 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
         fractions: pruned fractions to try, each in (0, 1).
         max_batches: evaluate only this many validation batches per trial (None = all).
         seed: the run seed (random criterion, any training a criterion's ``prepare`` does).
+        after_prune: called on each pruned trial before it is evaluated (e.g. to re-estimate BatchNorm
+            statistics); None = evaluate it as pruned.
 
     Returns:
         ``{"criterion", "baseline": acc, "layers": {label: {"modules": [...], "size": n, "fractions": [...],
@@ -89,6 +93,8 @@ def sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...], *, cr
             plan = select(graph, crit, cfg)
             trial = copy.deepcopy(work)
             prune_channels(trial, graph, plan)
+            if after_prune is not None:
+                after_prune(trial)
             entry["fractions"].append(float(f))
             entry["removed"].append(_classes_removed(graph, group, plan))
             entry["accuracy"].append(evaluate(trial, data.val, max_batches=max_batches))

@@ -29,6 +29,20 @@ def _lenet_params(c1: int, c2: int, f1: int, classes: int = 10) -> int:
     return (c1 * 25 + c1) + (c2 * c1 * 25 + c2) + (c2 * 16 * f1 + f1) + (f1 * classes + classes)
 
 
+def test_lenet5_is_the_apoz_papers_lenet() -> None:
+    from deploy_prune.loading import load_model
+    from deploy_prune.surgery import analyze
+
+    model = load_model("builtin:lenet5").model
+    assert sum(p.numel() for p in model.parameters()) == _lenet_params(20, 50, 500) == 431_080
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    # conv2 and fc1 (the layers Hu et al. trim) are prunable groups and each enters a ReLU (APoZ needs one)
+    graph = analyze(model, (1, 1, 28, 28))
+    by_first = {g.modules[0]: g for g in graph.groups}
+    assert by_first["3"].size == 50 and by_first["7"].size == 500
+    assert all(ch.relus for ch in by_first["3"].channels + by_first["7"].channels)
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(["reproduce", "--quick", "--only", "nope", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
@@ -145,5 +159,5 @@ def test_quick_run_writes_every_experiment(tmp_path: Path, capsys: pytest.Captur
     assert {r["criterion"] for r in rep["criteria"]["rows"]} == {"l1", "slimming", "fpgm", "apoz", "lottery", "random"}
     assert all(r["seeds"] == 2 for r in rep["criteria"]["rows"])
     hist = rep["slimming_gamma"]["gamma_hist"]
-    assert [h["lambda"] for h in hist["by_lambda"]] == [0.0, 1e-5, 1e-4]
+    assert [h["lambda"] for h in hist["by_lambda"]][:3] == [0.0, 1e-5, 1e-4]  # then the scaled ones
     assert all(sum(h["counts"]) == 32 + 32 + 64 + 64 + 128 for h in hist["by_lambda"])  # every BN channel

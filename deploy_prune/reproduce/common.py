@@ -57,9 +57,54 @@ class Context:
     def settings(self, quick: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
         return dict(quick if self.quick else full)
 
-    def trainer(self, epochs: int, seed: int, lr: float | None = None) -> Trainer:
-        """The product's finetuning recipe (Adam, constant LR 1e-3 unless ``lr``) for ``epochs`` epochs."""
-        return Trainer(self.data, TrainSpec(epochs=epochs, lr=lr, batch_size=64), seed, self.progress)
+    def trainer(self, epochs: int, seed: int, lr: float | None = None) -> BNTrainer:
+        """The product's finetuning recipe (Adam, constant LR 1e-3 unless ``lr``) for ``epochs`` epochs; it also
+        logs every accuracy it measures with BatchNorm statistics re-estimated (:class:`BNTrainer`)."""
+        return BNTrainer(self.data, TrainSpec(epochs=epochs, lr=lr, batch_size=64), seed, self.progress)
+
+
+BN_BATCHES = 20
+
+
+def reestimate_bn(model: nn.Module, loader: Any, batches: int = BN_BATCHES) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance in place from ``batches`` training batches (no
+    gradient, weights untouched): after channels are removed, the next layer's pre-BN statistics change, and
+    the stale running statistics alone can take a network to chance accuracy."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    was_training = model.training
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    try:
+        with torch.no_grad():
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                model(x)
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.train(was_training)
+    return model
+
+
+class BNTrainer(Trainer):
+    """The product's :class:`~deploy_prune.train.Trainer`, unchanged, that also records each measured accuracy
+    with BatchNorm statistics re-estimated on a copy (``bn_log``, in call order); the model is not modified."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bn_log: list[float | None] = []
+
+    def accuracy(self, model: nn.Module) -> float | None:
+        acc = super().accuracy(model)
+        if self.data is not None:
+            self.bn_log.append(super().accuracy(reestimate_bn(copy.deepcopy(model), self.data.train)))
+        return acc
 
 
 def make_context(quick: bool, seeds: int, say: Callable[[str], None] = lambda _: None,

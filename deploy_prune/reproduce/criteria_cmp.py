@@ -13,10 +13,12 @@ uniform ratio instead (the result says which).
 
 Departures: the product's own ``--target-speedup`` lets each criterion's scores steer the widths as well; here
 they are fixed so that only the channel choice differs. ``slimming`` runs its own sparsity training
-(``sparsity_epochs``, default 2) before choosing, as it does in ``run``; ``lottery`` is unstructured: its row
+(``sparsity_epochs``: 2, the criterion's default, in the full run; 1 in the quick one) before choosing, as it
+does in ``run``; ``lottery`` is unstructured: its row
 is the ticket found by iterative magnitude pruning from the same checkpoint (rewinding to it, the product's
 behaviour with a trained model), at the same number of non-zero weights as the L1 model, trained
-``rounds + 1`` times for the same epochs; ONNX Runtime runs it dense, so its measured speedup is about 1x.
+``lottery_rounds + 1`` times for the same epochs (3 rounds, the criterion's default, in the full run; 1 in
+the quick one); ONNX Runtime runs it dense, so its measured speedup is about 1x.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 from deploy_prune import criteria
 from deploy_prune.errors import DeployPruneError
 from deploy_prune.metrics import count_macs, count_nonzero, count_params
-from deploy_prune.reproduce.common import SHAPE, Context, baseline_cnn, figure, mean_std, pm, table
+from deploy_prune.reproduce.common import (SHAPE, Context, baseline_cnn, figure, mean_std, pm, reestimate_bn,
+                                           table)
 from deploy_prune.spec import Target
 from deploy_prune.surgery import PlanConfig, analyze, choose, plan_from_roots, prune_channels, uniform_counts
 from deploy_prune.train import evaluate
@@ -50,9 +53,9 @@ PAPER = {"source": "Blalock et al. 2020 (protocol); Li et al. 2017, He et al. 20
                     "lottery": "tickets match dense accuracy far below structured sparsity (Frankle & Carbin)",
                     "random": "the control (Blalock et al.: random and magnitude baselines are strong)"}}
 QUICK = {"target_speedup": 1.6, "fallback_ratio": 0.5, "epochs": 1, "bench_batch": 16, "bench_iters": 40,
-         "round_to": 8}
-FULL = {"target_speedup": 2.0, "fallback_ratio": 0.5, "epochs": 3, "bench_batch": 16, "bench_iters": 100,
-        "round_to": 8}
+         "round_to": 8, "lottery_rounds": 1, "slimming_sparsity_epochs": 1}
+FULL = {"target_speedup": 2.0, "fallback_ratio": 0.5, "epochs": 2, "bench_batch": 16, "bench_iters": 100,
+        "round_to": 8, "lottery_rounds": 3, "slimming_sparsity_epochs": 2}
 
 
 @contextlib.contextmanager
@@ -100,27 +103,32 @@ def _widths(ctx: Context, base: torch.nn.Module, s: dict[str, Any]) -> tuple[dic
 
 
 def _structured(ctx: Context, base: torch.nn.Module, name: str, counts: dict[str, int], seed: int,
-                epochs: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+                s: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from deploy_prune.criteria.slimming import SlimmingOptions
+
+    epochs = s["epochs"]
     model = copy.deepcopy(base)
     graph = analyze(model, SHAPE)
-    crit = criteria.create(name)
+    crit = criteria.create(name, SlimmingOptions(sparsity_epochs=s["slimming_sparsity_epochs"])
+                           if name == "slimming" else None)
     crit.prepare(model, graph, criteria.ScoreContext(data=ctx.data, seed=seed, progress=ctx.progress))
     by_id = {g.id: counts[g.modules[0]] for g in graph.groups if g.modules[0] in counts}
     prune_channels(model, graph, plan_from_roots(graph, choose(graph, crit, by_id)))
     acc0 = round(evaluate(model, ctx.data.val), 2)
+    acc_bn = round(evaluate(reestimate_bn(copy.deepcopy(model), ctx.data.train), ctx.data.val), 2)
     ctx.trainer(epochs, seed).finetune(model, f"finetune {name}")
     return model, {"criterion": name, "seed": seed, "params": count_params(model), "nonzero": count_nonzero(model),
                    "macs": count_macs(model, SHAPE), "accuracy_pruned": acc0,
-                   "accuracy_finetuned": round(evaluate(model, ctx.data.val), 2)}
+                   "accuracy_pruned_bn": acc_bn, "accuracy_finetuned": round(evaluate(model, ctx.data.val), 2)}
 
 
-def _ticket(ctx: Context, base: torch.nn.Module, nonzero: int, seed: int, epochs: int
+def _ticket(ctx: Context, base: torch.nn.Module, nonzero: int, seed: int, epochs: int, rounds: int
             ) -> tuple[torch.nn.Module, dict[str, Any]]:
     from deploy_prune.criteria.lottery import LotteryOptions
     from deploy_prune.train.lottery import find_ticket
     from deploy_prune.unstructured import weight_layers
 
-    o = LotteryOptions()
+    o = LotteryOptions(lottery_rounds=rounds)
     total = sum(m.weight.numel() for m in weight_layers(base).values())
     others = count_nonzero(base) - sum(int(torch.count_nonzero(m.weight)) for m in weight_layers(base).values())
     sparsity = min(0.99, max(0.01, 1 - (nonzero - others) / total))
@@ -128,7 +136,7 @@ def _ticket(ctx: Context, base: torch.nn.Module, nonzero: int, seed: int, epochs
                       epochs_per_round=epochs, lr=1e-3, optimizer="adam", seed=seed, progress=ctx.progress)
     return res.model, {"criterion": "lottery", "seed": seed, "params": count_params(res.model),
                        "nonzero": count_nonzero(res.model), "macs": count_macs(res.model, SHAPE),
-                       "accuracy_pruned": None, "accuracy_finetuned": round(evaluate(res.model, ctx.data.val), 2),
+                       "accuracy_pruned": None, "accuracy_pruned_bn": None, "accuracy_finetuned": round(evaluate(res.model, ctx.data.val), 2),
                        "weight_sparsity": round(sparsity, 4), "trainings": o.lottery_rounds + 1}
 
 
@@ -165,9 +173,9 @@ def run(ctx: Context) -> dict[str, Any]:
         for seed in ctx.seeds:
             ctx.say(f"criteria: {name}, seed {seed}")
             if name == "lottery":
-                model, row = _ticket(ctx, base, l1_nonzero[seed], seed, s["epochs"])
+                model, row = _ticket(ctx, base, l1_nonzero[seed], seed, s["epochs"], s["lottery_rounds"])
             else:
-                model, row = _structured(ctx, base, name, counts, seed, s["epochs"])
+                model, row = _structured(ctx, base, name, counts, seed, s)
                 if name == "l1":
                     l1_nonzero[seed] = row["nonzero"]
             per_seed.append(row)
@@ -180,9 +188,11 @@ def run(ctx: Context) -> dict[str, Any]:
         sel = [r for r in per_seed if r["criterion"] == name]
         m_ft, s_ft = mean_std(r["accuracy_finetuned"] for r in sel)
         m_p, s_p = mean_std(r["accuracy_pruned"] for r in sel)
+        m_b, s_b = mean_std(r["accuracy_pruned_bn"] for r in sel)
         rows.append({"criterion": name, "speedup_measured": bench["speedup"].get(name), "params": sel[0]["params"],
                      "nonzero": sel[0]["nonzero"], "macs": sel[0]["macs"], "accuracy_pruned": m_p,
-                     "accuracy_pruned_std": s_p, "accuracy_finetuned": m_ft, "accuracy_finetuned_std": s_ft,
+                     "accuracy_pruned_std": s_p, "accuracy_pruned_bn": m_b, "accuracy_pruned_bn_std": s_b,
+                     "accuracy_finetuned": m_ft, "accuracy_finetuned_std": s_ft,
                      "seeds": len(sel), "paper": PAPER["claims"].get(name)})
     by = {r["criterion"]: r for r in rows}
     beats = [n for n in by if n not in ("random", "lottery") and by[n]["accuracy_finetuned"] is not None
@@ -203,8 +213,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, ax = figure(7.0, 4.0)
     rows = result["rows"]
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["accuracy_pruned"] or 0 for r in rows], width=0.4,
-           yerr=[r["accuracy_pruned_std"] or 0 for r in rows], capsize=3, label="right after pruning")
+    ax.bar([x - 0.2 for x in xs], [r["accuracy_pruned_bn"] or 0 for r in rows], width=0.4,
+           yerr=[r["accuracy_pruned_bn_std"] or 0 for r in rows], capsize=3,
+           label="right after pruning (BN statistics re-estimated)")
     ax.bar([x + 0.2 for x in xs], [r["accuracy_finetuned"] or 0 for r in rows], width=0.4,
            yerr=[r["accuracy_finetuned_std"] or 0 for r in rows], capsize=3, label="after finetuning")
     ax.axhline(result["settings"]["baseline_accuracy"], color="gray", linestyle="--", linewidth=1, label="dense")
@@ -226,8 +237,10 @@ def markdown(result: dict[str, Any]) -> list[str]:
                if how["how"] == "target_speedup" else f"ratio {how['value']} ({how.get('reason', '')})")
             + f"; speedups measured in one interleaved ONNX Runtime run ({b['provider']}, {b['threads']} threads, "
               f"input {'x'.join(map(str, b['input_shape']))}).", ""]
-    return head + table(["criterion", "measured speedup", "params", "non-zero", "pruned", "finetuned", "paper"],
+    return head + table(["criterion", "measured speedup", "params", "non-zero", "pruned", "pruned + BN re-estimated",
+                         "finetuned", "paper"],
                         [[r["criterion"], r["speedup_measured"], r["params"], r["nonzero"],
                           pm(r["accuracy_pruned"], r["accuracy_pruned_std"]),
+                          pm(r["accuracy_pruned_bn"], r["accuracy_pruned_bn_std"]),
                           pm(r["accuracy_finetuned"], r["accuracy_finetuned_std"]), r["paper"]]
                          for r in result["rows"]])

@@ -25,7 +25,7 @@ PAPER = {"source": "Li et al. 2017, sec. 3.4 (no table: a qualitative statement)
          "claim": "Prune-once-and-retrain recovers the accuracy for moderate pruning; iterative pruning and "
                   "retraining may do better for heavy pruning, at the cost of more epochs."}
 QUICK = {"ratios": [0.8], "steps": 3, "epochs_per_step": 1}
-FULL = {"ratios": [0.5, 0.8, 0.9], "steps": 3, "epochs_per_step": 2}
+FULL = {"ratios": [0.8, 0.9], "steps": 3, "epochs_per_step": 1}
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -39,10 +39,12 @@ def run(ctx: Context) -> dict[str, Any]:
                 ctx.say(f"schedules: {schedule} to ratio {ratio}, seed {seed}")
                 spec = PruneSpec(criterion="l1", ratio=ratio, round_to=1, steps=steps, max_layer_ratio=0.95,
                                  seed=seed)
-                res = prune_structured(copy.deepcopy(base), spec, SHAPE, ctx.trainer(epochs, seed))
+                trainer = ctx.trainer(epochs, seed)
+                res = prune_structured(copy.deepcopy(base), spec, SHAPE, trainer)
                 rows.append({"ratio": ratio, "schedule": schedule, "seed": seed, "steps": steps,
                              "epochs_total": steps * epochs, "params": res.steps[-1]["params"],
                              "accuracy_first_prune": res.accuracy_before_finetune,
+                             "accuracy_first_prune_bn": trainer.bn_log[0],
                              "accuracy_final": res.steps[-1]["accuracy_finetuned"],
                              "per_step": [{"params": r["params"], "accuracy_pruned": r["accuracy_pruned"],
                                            "accuracy_finetuned": r["accuracy_finetuned"]} for r in res.steps]})
@@ -59,7 +61,8 @@ def run(ctx: Context) -> dict[str, Any]:
     return {"paper": PAPER, "settings": {**s, "epochs_total": total, "model": "builtin:mnist_cnn (shipped weights)",
                                          "criterion": "l1", "round_to": 1},
             "rows": rows, "summary": summary,
-            "finding": {"claim": "iterative >= once at the heaviest ratio (equal epochs)", "holds": diff >= 0,
+            "finding": {"claim": "iterative >= once at the heaviest ratio, at equal epochs (the paper expects iterative to "
+                                 "help at heavy pruning but to need more epochs)", "holds": diff >= 0,
                         "measured": f"at ratio {top['ratio']}: iterative - once = {diff:+.2f} points "
                                     f"({total} epochs each)"}}
 
