@@ -221,19 +221,11 @@ def main() -> None:
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
     meta = {k: getattr(args, k) for k in ("cnn_size", "bench_iters", "provider", "threads", "timeout", "mem_gb")}
-    meta["machine"] = f"{platform.machine()} {_cpu()}, {os.cpu_count()} cores"
+    from deploy_prune.bench import cpu_name
+
+    meta["machine"] = f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores"
     meta["python"] = platform.python_version()
     return meta
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

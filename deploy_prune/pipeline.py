@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,28 +262,3 @@ def check_runs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, torc
         raise BadInput(f"the model does not run on an input of shape {'x'.join(map(str, shape))} ({first}); "
                        f"pass the shape it expects with {opt('input_shape')}") from None
     return named_outputs(out)  # anything but a tensor or a dict/tuple/list of tensors is a one-line BadInput
-
-
-@contextmanager
-def staging(out: Path, force: bool) -> Iterator[Path]:
-    """A private folder beside ``out``, moved into place when the block succeeds and removed when it fails."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
-        yield stage
-        _move_into_place(stage, out, force)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def _move_into_place(stage: Path, out: Path, force: bool) -> None:
-    out = out.resolve()
-    if out.exists():
-        if any(out.iterdir()) and not force:
-            raise BadInput(f"{opt('out')} {out} became non-empty during the run; pass {opt('force')} to replace it")
-        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(trash)
-        stage.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        stage.rename(out)
