@@ -36,6 +36,7 @@ from typing import Any
 
 LOCK = "/tmp/deploy-prune-bench.lock"
 TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit")
+CONDITIONS = "a shared 2-core VM."
 
 
 def input_size(name: str, cnn_size: int) -> int:
@@ -146,9 +147,9 @@ def write_markdown(results: dict[str, dict[str, Any]], order: list[str], meta: d
         f"holding `flock {LOCK}` (wall time counted from when it had the lock), timeout {meta['timeout']} s, address space capped at {meta['mem_gb']} GB. "
         "The contract: every run ends with exit 0, or exit 2 with a one-line reason.",
         "",
-        f"Machine: {meta['machine']}, Python {meta['python']}; a shared, loaded 2-core VM (other jobs ran beside "
-        "it), so the wall times are inflated and the speedups noisy (each is one interleaved run). Smallest "
-        "models first; a model marked *not run* was not reached in the time the run had.",
+        f"Machine: {meta['machine']}, Python {meta['python']}; {meta.get('conditions') or CONDITIONS} Each "
+        "speedup is one interleaved run of 20 iterations. Smallest models first; a model marked *not run* was "
+        "not reached in the time the run had.",
         "",
         "Regenerate: `python benchmarks/random_init_runs.py --out docs/random-init.md --json /tmp/random_init.json`",
         "",
@@ -191,6 +192,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--mem-gb", type=float, default=14)
     ap.add_argument("--max-params", type=float, default=0, help="skip models above this many million parameters")
+    ap.add_argument("--conditions", default=None, help="what else ran on the machine (printed in --out)")
     ap.add_argument("--render", action="store_true", help="only rewrite --out from --json's results")
     args = ap.parse_args()
     if args.render:
@@ -225,6 +227,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
 
     meta["machine"] = f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores"
     meta["python"] = platform.python_version()
+    meta["conditions"] = args.conditions
     return meta
 
 

@@ -122,6 +122,11 @@ def _run_template(
                                                          "statistics on N training batches (no gradient steps; "
                                                          "EagleEye's adaptive BN) before the model is evaluated "
                                                          "or finetuned. 0 = off; skipped without --data.")] = 50,
+    no_head_refit: Annotated[bool, typer.Option("--no-head-refit", help="Keep the classifier's weights after "
+                                                "surgery. By default, on the same batches as the BatchNorm "
+                                                "re-estimation, a classifier whose inputs were narrowed is "
+                                                "refit by least squares to the dense model's outputs (He et "
+                                                "al. 2017).")] = False,
     batch_size: Annotated[int, typer.Option(help="Batch size for finetuning, evaluation and BatchNorm "
                                                  "re-estimation.")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -221,7 +226,7 @@ def _run_spec(kw: dict[str, Any]) -> Any:
                         optimizer=kw["optimizer"], weight_decay=kw["weight_decay"], lr_schedule=kw["lr_schedule"],
                         warmup_epochs=kw["warmup_epochs"], distill=not kw["no_distill"],
                         distill_temperature=kw["distill_temperature"], distill_alpha=kw["distill_alpha"],
-                        bn_recalib_batches=kw["bn_recalib_batches"]),
+                        bn_recalib_batches=kw["bn_recalib_batches"], head_refit=not kw["no_head_refit"]),
         bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"]),
         data=kw["data"], workers=kw["workers"], image_size=kw["image_size"], skip_bad_images=kw["skip_bad_images"],
         input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],

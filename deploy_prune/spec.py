@@ -246,7 +246,9 @@ class TrainSpec:
         distill: distil from the dense model (Hinton et al. 2015) while finetuning.
         distill_temperature, distill_alpha: T and the soft term's weight alpha.
         bn_recalib_batches: training batches to re-estimate BatchNorm statistics on after every surgery;
-            0 = off.
+            0 = off (the head refit too).
+        head_refit: after re-estimation, refit each classifier whose inputs were narrowed to the dense model's
+            outputs by least squares on the same batches (``deploy_prune.train.headfit``).
     """
 
     epochs: int = 3
@@ -260,6 +262,7 @@ class TrainSpec:
     distill_temperature: float = 4.0
     distill_alpha: float = 0.5
     bn_recalib_batches: int = 50
+    head_refit: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0:

@@ -14,9 +14,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from deploy_prune.spec import TrainSpec
-from deploy_prune.train.bn import recalibrate_bn
+from deploy_prune.train.bn import calibration_loader, recalibrate_bn
+from deploy_prune.train.headfit import refit_heads
 from deploy_prune.train.loop import evaluate, finetune, train
 from deploy_prune.train.recipe import DEFAULT_LR as _LRS, DEFAULT_WEIGHT_DECAY, Recipe, distillation_loss, \
     lr_factor, make_optimizer
@@ -69,14 +71,27 @@ class Trainer:
         return self.spec.distill and self.teacher is not None and self.data is not None
 
     def recalibrate(self, model: nn.Module, what: str) -> dict[str, Any] | None:
-        """Re-estimate ``model``'s BatchNorm statistics on ``spec.bn_recalib_batches`` training batches
-        (:func:`deploy_prune.train.bn.recalibrate_bn`); nothing without data or with 0 batches."""
-        if self.data is None or self.spec.bn_recalib_batches <= 0:
+        """Repair what surgery left stale, on ``spec.bn_recalib_batches`` training batches, before ``model`` is
+        evaluated or finetuned: re-estimate every BatchNorm's statistics
+        (:func:`deploy_prune.train.bn.recalibrate_bn`), then, with ``spec.head_refit``, refit each classifier
+        whose inputs were narrowed to the dense model's outputs (:func:`deploy_prune.train.headfit.refit_heads`).
+        Nothing without data or with 0 batches."""
+        n = self.spec.bn_recalib_batches
+        if self.data is None or n <= 0:
             return None
-        done = recalibrate_bn(model, self.data.train, self.spec.bn_recalib_batches, seed=self.seed)
-        if done is not None:
-            self.recalibrated.append({"after": what, **done})
-        return done
+        done = recalibrate_bn(model, self.data.train, n, seed=self.seed)
+        heads: list[dict[str, Any]] = []
+        if self.spec.head_refit and self.teacher is not None:
+            loader = self.data.train
+            batches = calibration_loader(loader, self.seed) if isinstance(loader, DataLoader) else loader
+            heads = refit_heads(model, self.teacher, batches, n)
+        if done is None and not heads:
+            return None
+        row: dict[str, Any] = {"after": what, **(done or {"batches": 0, "images": 0, "layers": 0})}
+        if heads:
+            row["head_refit"] = heads
+        self.recalibrated.append(row)
+        return row
 
     def finetune(self, model: nn.Module, desc: str, *, epochs: int | None = None,
                  after_step: Callable[[nn.Module], None] | None = None) -> None:
