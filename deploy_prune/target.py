@@ -23,12 +23,14 @@
    deploy-prune's own interleaved benchmark, a linear map from predicted to measured latency is refitted after
    every probe, and the next probe is chosen with it inside the bracket of what was already measured (a
    bisection on one global knob: the position along the trajectory) until the measured speedup is in
-   ``[X, 1.1 X]``. A target beyond the trajectory's end is refused with the best speedup it reached.
+   ``[X, 1.1 X]`` (a probe that would end the search is timed twice and judged on the geometric mean, since
+   the final benchmark measures it once more). A target beyond the trajectory's end is refused with the best speedup it reached.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -171,12 +173,16 @@ class Probe:
     dense_ms: float
     probe_ms: float
     predicted_speedup_raw: float  # the latency tables' own prediction, uncalibrated
+    repeats: tuple[float, ...] = ()  # when the probe was timed twice: both measurements (``measured``: their mean)
 
     def to_json(self) -> dict[str, Any]:
-        return {"macs": self.macs, "predicted": round(self.predicted, 4), "measured": round(self.measured, 4),
-                "trajectory_index": self.index, "dense_ms": round(self.dense_ms, 4),
-                "structured_ms": round(self.probe_ms, 4),
-                "table_speedup_uncalibrated": round(self.predicted_speedup_raw, 4)}
+        out = {"macs": self.macs, "predicted": round(self.predicted, 4), "measured": round(self.measured, 4),
+               "trajectory_index": self.index, "dense_ms": round(self.dense_ms, 4),
+               "structured_ms": round(self.probe_ms, 4),
+               "table_speedup_uncalibrated": round(self.predicted_speedup_raw, 4)}
+        if self.repeats:
+            out["repeats"] = [round(r, 4) for r in self.repeats]
+        return out
 
 
 @dataclass
@@ -331,7 +337,20 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                 f"(target {target.value:g}{unit})")
             side = _in_band(target, meas)
             if side == 0 and _in_band(target, meas, inner=True) == 0:
-                break
+                # Accepting ends the search, and the final benchmark measures the model once more; one timing
+                # can be a few percent off (ResNet-18 at 3x: a probe at 3.11x measured 3.00x in the final run),
+                # so confirm with a second one and judge their geometric mean (half the variance).
+                dense2, probe2 = prober.time(pruned)
+                meas2 = dense2 / probe2 if target.kind == "speedup" else probe2
+                both = (meas, meas2)
+                meas = (meas * meas2) ** 0.5
+                probes[-1] = dataclasses.replace(probes[-1], measured=meas, repeats=both,
+                                                 dense_ms=(dense_ms * dense2) ** 0.5,
+                                                 probe_ms=(probe_ms * probe2) ** 0.5)
+                say(f"probe {len(probes)} timed again: {meas2:.3g}{unit}; mean {meas:.3g}{unit}")
+                side = _in_band(target, meas)
+                if side == 0 and _in_band(target, meas, inner=True) == 0:
+                    break
             faster = meas > AIM * target.value if target.kind == "speedup" else meas < target.value / AIM
             if side > 0 or (side == 0 and faster):
                 hi = i
