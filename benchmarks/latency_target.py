@@ -216,8 +216,9 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, str], command: str, star
                          f"{t['probes']} | {', '.join(f'{s:.2f}' for s in t['probe_speedups'])} | {err} | "
                          f"{t['search_s']} | {t['wall_s']} | {base} | {100 * t['macs_kept']:.0f}% |")
     lines += ["", "## Latency-aware vs Torch-Pruning's uniform L1 at the same measured speed", "",
-              "Our model is the target run's `model.onnx`; Torch-Pruning's ratio was bisected until its measured "
-              "speedup was within 5% of ours; then the three were timed in one interleaved run.", "",
+              "Our model is the target run's `model.onnx`; Torch-Pruning's ratio was bisected until its speed was "
+              "within 5% of ours (each try timed dense, ours and Torch-Pruning's model in one interleaved run); "
+              "then the three were timed once more in one interleaved run: the speedup and MACs columns.", "",
               "Where the two did not land within 5% of each other, the last column estimates Torch-Pruning's MACs "
               "at our speed by interpolating, linearly in measured speedup, between the two ratios its bisection "
               "tried on either side of our speed (marked *interp.*).", "",
