@@ -142,7 +142,8 @@ def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, A
 
     def speeds(files: dict[str, Path], iters: int) -> dict[str, float]:
         with bench_lock(f"torch-pruning timing ({bundle.name})"):
-            res = benchmark({"dense": bundle / "dense.onnx", **files}, shape, iters=iters, progress=False)
+            res = benchmark({"dense": bundle / "dense.onnx", **files}, shape, iters=iters, threads=args.threads,
+                            progress=False)
         d = res.stats["dense"].p50
         return {k: d / res.stats[k].p50 for k in files}
 
@@ -274,6 +275,10 @@ def main() -> None:
     ap.add_argument("--probe-iters", type=int, default=30)
     ap.add_argument("--tp-steps", type=int, default=7)
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime intra-op threads for the target runs and Torch-Pruning's timings (default: "
+                         "deploy-prune's default). At 28x28 the model runs in 0.05-0.2 ms, where a second thread's "
+                         "wake-up costs more than it saves and makes 2-thread timings bimodal: use 1")
     ap.add_argument("--work", type=Path, default=None, help="keep the bundles here (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--lock-wait", type=float, default=None,
@@ -306,7 +311,9 @@ def main() -> None:
         sd = ["--seed", str(seed), *it]
         if "target" in parts:
             out = work / f"target-{seed}"
-            res.setdefault("target", {})[seed] = summary(cli(["--target-speedup", "3", *sd], out, args.timeout, lock=True))
+            th = ["--threads", str(args.threads)] if args.threads else []
+            res.setdefault("target", {})[seed] = summary(cli(["--target-speedup", "3", *th, *sd], out, args.timeout,
+                                                             lock=True))
             save()
             if "tp" in parts and "error" not in res["target"][seed]:
                 res.setdefault("tp", {})[seed] = tp_matched(out, seed, args)

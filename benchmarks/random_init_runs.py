@@ -114,6 +114,7 @@ def run_one(name: str, params: int, args: argparse.Namespace) -> dict[str, Any]:
         r["seconds"] = round(time.perf_counter() - t0, 1)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+        time.sleep(2)  # flock is not fair: let a benchmark waiting for the lock take it before the next model
         shutil.rmtree(tmp, ignore_errors=True)
     return r
 

@@ -77,6 +77,9 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             result = bench.benchmark({m.kind: stage / m.file for m in made}, inputs.shape, provider=provider,
                                      threads=spec.bench.threads, iters=spec.bench.iters, seed=spec.prune.seed,
                                      progress=spec.progress)
+            tiny = _tiny_model_note(result)
+            if tiny:
+                say.note(tiny)
             say("writing the report and the bundle")
             env = {**bench.environment(result), "world_size": distributed.world_size()}
             rep = report.build(spec=spec, loaded=inputs.loaded, shape=inputs.shape, pair=pair, made=made,
@@ -87,6 +90,16 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             ws.commit(spec.force)
     distributed.main_done(0)
     return rep
+
+
+def _tiny_model_note(result: Any) -> str | None:
+    """A hint when a sub-millisecond model was timed with several CPU threads (docs/onnx-runtime.md §7)."""
+    dense = result.stats.get("dense")
+    if dense is None or result.provider != "CPUExecutionProvider" or result.threads <= 1 or dense.p50 >= 1.0:
+        return None
+    return (f"the dense model runs in {dense.p50:.3g} ms: below about a millisecond, waking a second ONNX Runtime "
+            f"thread costs more than it saves and makes timings bimodal; --threads 1 is faster and steadier "
+            f"(docs/onnx-runtime.md §7)")
 
 
 # ----------------------------------------------------------------------------------------------------------

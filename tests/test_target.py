@@ -319,3 +319,18 @@ def test_a_target_run_reports_what_it_measured(tmp_path: Path, monkeypatch) -> N
     assert rep["round_to"] in (8, 16, 32) and rep["round_to_auto"]["chosen"] == rep["round_to"]
     assert 0 < rep["ratio"] < 1  # with a target: the effective share of channels removed
     assert (tmp_path / "cache").is_dir()
+
+
+def test_sub_millisecond_models_get_the_one_thread_hint() -> None:
+    from deploy_prune.pipeline import _tiny_model_note
+    from deploy_prune.timing import BenchResult, LatencyStats
+
+    def result(dense_ms: float, threads: int, provider: str = "CPUExecutionProvider") -> BenchResult:
+        stats = {"dense": LatencyStats.from_samples([dense_ms] * 3), "structured": LatencyStats.from_samples([0.1])}
+        return BenchResult(stats=stats, samples={}, provider=provider, threads=threads, method="")
+
+    note = _tiny_model_note(result(0.2, 2))
+    assert note is not None and "--threads 1" in note and "0.2 ms" in note
+    assert _tiny_model_note(result(0.2, 1)) is None  # already one thread
+    assert _tiny_model_note(result(5.0, 2)) is None  # long enough for a second thread to pay
+    assert _tiny_model_note(result(0.2, 2, "CUDAExecutionProvider")) is None
