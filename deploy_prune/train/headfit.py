@@ -127,6 +127,7 @@ def refit_heads(model: nn.Module, dense: nn.Module, batches: Iterable[Any], num_
         hooks.append(d.register_forward_hook(lambda _m, _a, out, n=name, a=acc: a.add(captured.pop(n), out)))
     modes = {m: m.training for m in list(model.modules()) + list(dense.modules())}
     device = next(model.parameters()).device
+    dense_device = next(dense.parameters()).device
     seen = 0
     try:
         model.eval()
@@ -135,9 +136,8 @@ def refit_heads(model: nn.Module, dense: nn.Module, batches: Iterable[Any], num_
             for x, *_ in batches:
                 if seen >= num_batches:
                     break
-                x = x.to(device)
-                model(x)  # the pruned head's input is captured first ...
-                dense(x)  # ... and paired with the dense head's output on the same images
+                model(x.to(device))  # the pruned head's input is captured first ...
+                dense(x.to(dense_device))  # ... and paired with the dense head's output on the same images
                 captured.clear()
                 seen += 1
     finally:
