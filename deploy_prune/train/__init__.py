@@ -79,12 +79,18 @@ class Trainer:
         n = self.spec.bn_recalib_batches
         if self.data is None or n <= 0:
             return None
-        done = recalibrate_bn(model, self.data.train, n, seed=self.seed)
-        heads: list[dict[str, Any]] = []
-        if self.spec.head_refit and self.teacher is not None:
-            loader = self.data.train
-            batches = calibration_loader(loader, self.seed) if isinstance(loader, DataLoader) else loader
-            heads = refit_heads(model, self.teacher, batches, n)
+        # A training transform with random crops draws from torch's global RNG when read outside the training
+        # sampler: seed it for each pass, so that both passes see the same images whatever ran before (a resumed
+        # run, other runs in the same process), and leave the global RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            done = recalibrate_bn(model, self.data.train, n, seed=self.seed)
+            heads: list[dict[str, Any]] = []
+            if self.spec.head_refit and self.teacher is not None:
+                torch.manual_seed(self.seed)
+                loader = self.data.train
+                batches = calibration_loader(loader, self.seed) if isinstance(loader, DataLoader) else loader
+                heads = refit_heads(model, self.teacher, batches, n)
         if done is None and not heads:
             return None
         row: dict[str, Any] = {"after": what, **(done or {"batches": 0, "images": 0, "layers": 0})}
