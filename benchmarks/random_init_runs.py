@@ -35,17 +35,10 @@ from pathlib import Path
 from typing import Any
 
 LOCK = "/tmp/deploy-prune-bench.lock"
-TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit")
 CONDITIONS = "a shared 2-core VM."
 
-
-def input_size(name: str, cnn_size: int) -> int:
-    """The smallest input each family accepts: transformers hard-code 224, Inception/GoogLeNet need >= 75."""
-    if name.startswith(TRANSFORMER_PREFIXES):
-        return 224
-    if name.startswith(("inception", "googlenet")):
-        return max(96, cnn_size)
-    return cnn_size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torchvision_coverage import input_size  # noqa: E402 - the same input sizes as the coverage run
 
 
 def models_by_size() -> list[tuple[str, int]]:

@@ -69,7 +69,6 @@ class _Accumulator:
         self.xty = torch.zeros(d, d_out, dtype=torch.float64)
         self.yty = 0.0
         self.rows = 0
-        self.x: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
