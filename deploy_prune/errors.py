@@ -55,6 +55,37 @@ class BadInput(DeployPruneError):
     exit_code = 2
 
 
+class OutOfMemory(BadInput):
+    """The machine ran out of memory (exit code 2): the fix is the user's (more memory, a smaller input)."""
+
+
+_OOM_TEXT = ("can't allocate memory", "bad_alloc", "out of memory", "failed to allocate memory",
+             "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """True if ``exc`` or an exception it was raised from is an allocation failure: Python's MemoryError (what
+    a C++ ``std::bad_alloc`` becomes), torch's "DefaultCPUAllocator: can't allocate memory" and CUDA
+    out-of-memory errors, ONNX Runtime's allocator failures."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            return True
+        if any(t in str(exc).lower() for t in _OOM_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def out_of_memory(exc: BaseException, option: str = "input_shape") -> OutOfMemory:
+    """The one-line error for an allocation failure ``exc``; ``option`` is what sets the input's size."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return OutOfMemory(f"out of memory ({type(exc).__name__}: {first}): this model at this input shape needs more "
+                       f"memory than the process may use; free memory, give a smaller {opt(option)} "
+                       "(batch or resolution), or run on a machine with more memory")
+
+
 class UnsupportedModel(BadInput):
     """The model cannot be traced or pruned at all; the message names the operation and the module."""
 

@@ -16,7 +16,7 @@ turns that into a one-line error that asks for trained weights.
 
 from __future__ import annotations
 
-import shutil
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,13 +106,13 @@ def compare_head_input(onnx_path: Path, model: nn.Module, inputs: Sequence[torch
         raise ProbeUnavailable(f"the file has {len(proto.graph.output)} outputs")
     tensor = _onnx_head_input(proto, proto.graph.output[0].name)
     proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-    # Beside the original, so a relative external-data location still resolves; removed right after.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".probe-", dir=onnx_path.parent))
+    # In the original's folder, so that the relative external-data location of a large model resolves to the
+    # same sidecar (ONNX Runtime refuses a location outside the model's folder, symlinks resolved); removed
+    # right after.
+    fd, name = tempfile.mkstemp(prefix=".probe-", suffix=".onnx", dir=onnx_path.parent)
+    os.close(fd)
+    probe = Path(name)
     try:
-        probe = tmp_dir / onnx_path.name
-        side = onnx_path.with_name(onnx_path.name + ".data")
-        if side.exists():
-            (tmp_dir / side.name).symlink_to(side.resolve())
         onnx.save_model(proto, str(probe))
         session = make_session(probe, provider, threads=None, cuda_options={"use_tf32": "0"})
         feed = session.get_inputs()[0].name
@@ -133,7 +133,7 @@ def compare_head_input(onnx_path: Path, model: nn.Module, inputs: Sequence[torch
             max_abs = max(max_abs, float(np.max(np.abs(got - ref))) if ref.size else 0.0)
             ref_max = max(ref_max, scale)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        probe.unlink(missing_ok=True)
     if ref_max == 0.0:
         raise ProbeUnavailable(f"the input of the classifier '{layer}' is identically zero as well")
     return {"layer": layer, "tensor": tensor, "max_abs_diff": max_abs, "max_rel_diff": max_abs / ref_max,

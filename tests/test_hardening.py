@@ -77,14 +77,18 @@ class _ZeroHead(nn.Module):
         return y * 2.0 if self.scale_output else y
 
 
-def test_a_zero_output_is_verified_at_the_classifier_input(tmp_path: Path) -> None:
+@pytest.mark.parametrize("external", [False, True])
+def test_a_zero_output_is_verified_at_the_classifier_input(tmp_path: Path, external: bool) -> None:
+    # external: the weights in a sidecar file, as for models over 2 GB (ViT-H/14 at random init hit ONNX Runtime's
+    # "external data path escapes model directory" through the probe's symlinked sidecar)
     from deploy_prune.export import cleanup_onnx, export_onnx, parity
 
     torch.manual_seed(0)
     model = _ZeroHead().eval()
     x = torch.randn(2, 3, 8, 8)
-    export_onnx(model, tmp_path / "raw.onnx", x)
+    export_onnx(model, tmp_path / "raw.onnx", x, external_data=external)
     cleanup_onnx(tmp_path / "raw.onnx", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx.data").exists() == external
     res = parity(tmp_path / "m.onnx", model, [x])
     assert res["ok"] and res["max_abs_diff"] == 0.0 and res["ref_max_abs"] == 0.0
     head = res["head_input"]
@@ -93,8 +97,8 @@ def test_a_zero_output_is_verified_at_the_classifier_input(tmp_path: Path) -> No
     # the probe really looks at the graph: the same file checked against a model whose body differs fails
     other = _ZeroHead().eval()
     assert not parity(tmp_path / "m.onnx", other, [x])["ok"]
-    assert [p.name for p in tmp_path.iterdir()] == ["raw.onnx", "m.onnx"] or \
-        sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "raw.onnx"]  # no probe file left behind
+    left = sorted(p.name for p in tmp_path.iterdir())  # no probe file left behind
+    assert left == (["m.onnx", "m.onnx.data", "raw.onnx", "raw.onnx.data"] if external else ["m.onnx", "raw.onnx"])
 
 
 def test_a_zero_output_that_cannot_be_probed_is_a_bad_input_asking_for_weights(tmp_path: Path) -> None:
@@ -166,3 +170,33 @@ def test_a_zero_output_over_a_wrong_graph_is_a_disagreement_with_numbers(tmp_pat
     msg = str(exc.value)
     assert "disagrees" in msg and "classifier input max|diff|" in msg and "max|diff| 0 " not in msg, msg
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_running_out_of_memory_is_one_line_exit_2_and_writes_nothing(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # a real allocation failure, not a simulated one: a batch of 2^20 28x28 digits through the convs needs about
+    # 100 TB for the first activation, which no machine's allocator grants
+    out = tmp_path / "bundle"
+    code, _, err = _run(["run", "builtin:mnist_cnn", "--no-finetune", "--input-shape", "1048576x1x28x28",
+                         "--bench-iters", "2", "-q", "--out", str(out)], capsys)
+    line = _one_line_exit_2(code, err)
+    assert line.startswith("error: out of memory") and "--input-shape" in line
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))
+
+
+def test_what_counts_as_out_of_memory() -> None:
+    from deploy_prune.errors import DeployPruneError, is_out_of_memory
+
+    with pytest.raises(RuntimeError) as real:  # torch's own allocator refusing an impossible request
+        torch.empty(2**62, dtype=torch.uint8)
+    assert is_out_of_memory(real.value)
+    assert is_out_of_memory(MemoryError())
+    try:  # a wrapped one, as the ONNX checker's std::bad_alloc reaches the CLI inside an export error
+        try:
+            raise MemoryError("std::bad_alloc")
+        except MemoryError as exc:
+            raise DeployPruneError("model.onnx is not a valid ONNX model: MemoryError: std::bad_alloc") from exc
+    except DeployPruneError as wrapped:
+        assert is_out_of_memory(wrapped)
+    assert not is_out_of_memory(ValueError("shapes do not match"))
+    assert not is_out_of_memory(None)

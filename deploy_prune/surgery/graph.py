@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from deploy_prune.errors import UnsupportedModel, opt
+from deploy_prune.errors import UnsupportedModel, is_out_of_memory, opt, out_of_memory
 from deploy_prune.surgery.groups import Channel, Group, build_groups
 from deploy_prune.surgery.ops import CONV, NORM
 from deploy_prune.surgery.propagate import Consumer, Param, Propagator, ReluSite
@@ -163,6 +163,8 @@ def analyze(model: nn.Module, example: torch.Tensor | tuple[int, ...], *,
         with torch.no_grad():
             ShapeProp(gm).propagate(x)
     except Exception as exc:  # noqa: BLE001
+        if is_out_of_memory(exc):
+            raise out_of_memory(exc) from None
         raise UnsupportedModel(
             f"the model does not run on an input of shape {tuple(x.shape)}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300]}; pass the shape it expects with {opt('input_shape')}"
