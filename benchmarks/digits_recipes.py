@@ -13,6 +13,10 @@ subprocess, read back from its ``report.json``. Parts (``--parts``):
   run's ``dense.onnx`` and ``model.onnx``) is within 5% of ours, then given exactly the same finetuning as the
   CLI gives its structured model: BatchNorm re-estimation, then ``--epochs`` of the default recipe
   (``deploy_prune.train.Trainer`` with the default ``TrainSpec``, the dense model as teacher, the run's seed).
+* ``alloc``: ``--target-speedup 3`` with each ``--allocation`` (latency, importance, uniform, auto), per seed.
+* ``grid``: every ``--grid-criteria`` at every ``--grid-speeds`` target, with the default recipe, without
+  BatchNorm re-estimation (``--bn-recalib-batches 0``) and without distillation (``--no-distill``), per seed;
+  with ``tp`` also in ``--parts``, Torch-Pruning's uniform L1 matched to each default l1 row's measured speed.
 * ``slimming``: ``--criterion slimming --ratio 0.5`` with its defaults, per seed.
 * ``steps``: ``--ratio 0.5 --steps 3`` against one-shot ``--ratio 0.5``, per seed.
 * ``quick``: the ablations behind the defaults (BN batches, distillation alpha and T, ``--steps 3``, slimming's
@@ -51,6 +55,8 @@ BASE = ["run", "builtin:mnist_cnn", "--data", "mnist5k", "-q", "--force"]
 OLD_RECIPE = ["--no-distill", "--bn-recalib-batches", "0", "--optimizer", "adam", "--weight-decay", "0",
               "--lr-schedule", "constant", "--warmup-epochs", "0"]
 LOCK = "/tmp/deploy-prune-bench.lock"
+ALLOCATIONS = ("latency", "importance", "uniform", "auto")
+RECIPES = {"default": [], "no_bn": ["--bn-recalib-batches", "0"], "no_distill": ["--no-distill"]}
 
 
 LOCK_WAIT_S = [None]  # --lock-wait: give up waiting after this many seconds and run anyway (recorded)
@@ -124,7 +130,7 @@ def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, A
     from deploy_prune.export import export_onnx
     from deploy_prune.loading import load_model
     from deploy_prune.metrics import count_macs
-    from deploy_prune.spec import TrainSpec
+    from deploy_prune.spec import BENCH_MIN_SECONDS, TrainSpec
     from deploy_prune.train import Trainer
 
     shape = (1, 1, 28, 28)
@@ -143,7 +149,7 @@ def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, A
     def speeds(files: dict[str, Path], iters: int) -> dict[str, float]:
         with bench_lock(f"torch-pruning timing ({bundle.name})"):
             res = benchmark({"dense": bundle / "dense.onnx", **files}, shape, iters=iters, threads=args.threads,
-                            progress=False)
+                            progress=False, min_seconds=BENCH_MIN_SECONDS)  # as the CLI times its variants
         d = res.stats["dense"].p50
         return {k: d / res.stats[k].p50 for k in files}
 
@@ -256,6 +262,18 @@ def table(res: dict[str, Any]) -> str:
         rows.append(f"| Torch-Pruning uniform L1 at the same measured speed, same finetuning | {fmt([s.get('accuracy') for s in tp.values()])}; "
                     f"speedup TP {fmt([s.get('speedup_tp') for s in tp.values()])}x vs ours "
                     f"{fmt([s.get('speedup_ours') for s in tp.values()])}x (same interleaved run) | ours higher |")
+    for name in ALLOCATIONS:
+        if res.get(f"alloc_{name}"):
+            rows.append(f"| --target-speedup 3 --allocation {name} | "
+                        f"{fmt([s.get('structured') for s in res[f'alloc_{name}'].values()])}; achieved "
+                        f"{fmt([(s.get('target') or {}).get('achieved') for s in res[f'alloc_{name}'].values()])}x | — |")
+    for key, runs in res.get("grid", {}).items():
+        tp = res.get("grid_tp", {}).get(key)
+        rows.append(f"| {key} | {fmt([s.get('structured') for s in runs.values()])}; before finetuning "
+                    f"{fmt([s.get('before_ft') for s in runs.values()])}; achieved "
+                    f"{fmt([(s.get('target') or {}).get('achieved') for s in runs.values()])}x"
+                    + (f"; Torch-Pruning at the same speed {fmt([t.get('accuracy') for t in tp.values()])}" if tp else "")
+                    + " | — |")
     for key, label, goal in (("slimming", "slimming --ratio 0.5, defaults", "loss ≤ 1 vs dense"),
                              ("steps3", "l1 --ratio 0.5 --steps 3", "within 0.5 of one-shot"),
                              ("oneshot", "l1 --ratio 0.5 one-shot", "—"),
@@ -279,6 +297,9 @@ def main() -> None:
                     help="ONNX Runtime intra-op threads for the target runs and Torch-Pruning's timings (default: "
                          "deploy-prune's default). At 28x28 the model runs in 0.05-0.2 ms, where a second thread's "
                          "wake-up costs more than it saves and makes 2-thread timings bimodal: use 1")
+    ap.add_argument("--grid-criteria", default="l1,fpgm,apoz,slimming,random,lottery")
+    ap.add_argument("--grid-speeds", default="2,3")
+    ap.add_argument("--grid-recipes", default="default,no_bn,no_distill")
     ap.add_argument("--work", type=Path, default=None, help="keep the bundles here (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--lock-wait", type=float, default=None,
@@ -309,15 +330,35 @@ def main() -> None:
         save()
     for seed in seeds:
         sd = ["--seed", str(seed), *it]
+        th = ["--threads", str(args.threads)] if args.threads else []
         if "target" in parts:
             out = work / f"target-{seed}"
-            th = ["--threads", str(args.threads)] if args.threads else []
             res.setdefault("target", {})[seed] = summary(cli(["--target-speedup", "3", *th, *sd], out, args.timeout,
                                                              lock=True))
             save()
             if "tp" in parts and "error" not in res["target"][seed]:
                 res.setdefault("tp", {})[seed] = tp_matched(out, seed, args)
                 save()
+        if "alloc" in parts:
+            for name in ALLOCATIONS:
+                res.setdefault(f"alloc_{name}", {})[seed] = summary(cli(
+                    ["--target-speedup", "3", "--allocation", name, *th, *sd], work / f"alloc-{name}-{seed}",
+                    args.timeout, lock=True))
+                save()
+        if "grid" in parts:
+            for crit in args.grid_criteria.split(","):
+                for x in args.grid_speeds.split(","):
+                    for recipe in args.grid_recipes.split(","):
+                        key = f"{crit} --target-speedup {x}" + ("" if recipe == "default" else f", {recipe}")
+                        out = work / f"grid-{crit}-{x}-{recipe}-{seed}"
+                        res.setdefault("grid", {}).setdefault(key, {})[seed] = summary(cli(
+                            ["--criterion", crit, "--target-speedup", x, *RECIPES[recipe], *th, *sd], out,
+                            args.timeout, lock=True))
+                        save()
+                        if "tp" in parts and crit == "l1" and recipe == "default" and \
+                                "error" not in res["grid"][key][seed]:
+                            res.setdefault("grid_tp", {}).setdefault(key, {})[seed] = tp_matched(out, seed, args)
+                            save()
         if "slimming" in parts:
             res.setdefault("slimming", {})[seed] = summary(cli(["--criterion", "slimming", "--ratio", "0.5", *sd],
                                                                work / f"slim-{seed}", args.timeout))

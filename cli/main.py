@@ -16,7 +16,7 @@ import typer
 from typer.exceptions import Abort, Exit, TyperException
 
 from deploy_prune import criteria, variants
-from deploy_prune.errors import BadInput, DeployPruneError
+from deploy_prune.errors import BadInput, DeployPruneError, is_out_of_memory, out_of_memory
 
 app = typer.Typer(
     name="deploy-prune",
@@ -85,7 +85,13 @@ def _run_template(
     seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled whole module "
                                                                        "(runs code from the file).")] = False,
-    bench_iters: Annotated[int, typer.Option(help="Timed iterations per variant.")] = 100,
+    bench_iters: Annotated[int, typer.Option(help="Timed iterations per variant (at least; see "
+                                                  "--bench-min-seconds).")] = 100,
+    bench_min_seconds: Annotated[float, typer.Option(help="Raise the iterations until each variant is timed for "
+                                                          "at least this long: a sub-millisecond model timed 100 "
+                                                          "times is timed for a few ms, and its speedup varies "
+                                                          "by several % from run to run. 0 = exactly "
+                                                          "--bench-iters.")] = 0.5,  # spec.BENCH_MIN_SECONDS
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
     round_to: Annotated[str, typer.Option(help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs "
                                                "and tensor cores, 16 AVX-512), or auto: time one-layer models on "
@@ -97,6 +103,12 @@ def _run_template(
                                                       "threshold over all groups (default: the criterion's own; "
                                                       "slimming is global).")] = None,
     steps: Annotated[int, typer.Option(help="Prune and finetune iteratively in N steps (1 = prune once).")] = 1,
+    allocation: Annotated[str, typer.Option(help="With a target: how widths are shared out between layer groups. "
+                                                 "latency: importance x MACs per measured ms; importance: "
+                                                 "importance per ms; uniform: the same fraction everywhere; auto: "
+                                                 "with --data, search each for the target and keep the most "
+                                                 "accurate after BatchNorm re-estimation (EagleEye), else "
+                                                 "latency.")] = "auto",
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
@@ -218,7 +230,8 @@ def _run_spec(kw: dict[str, Any]) -> Any:
             raise BadInput(f"--round-to {kw['round_to']!r} is not a number: give N >= 1 or auto") from None
     prune = PruneSpec(criterion=kw["criterion"], options=options, ratio=kw["ratio"], target=target,
                       layer_ratios=layer_ratios, round_to=round_to, max_layer_ratio=kw["max_layer_ratio"],
-                      scope=kw["scope"], ignore=tuple(kw["ignore"] or ()), steps=kw["steps"], seed=kw["seed"])
+                      scope=kw["scope"], ignore=tuple(kw["ignore"] or ()), steps=kw["steps"], seed=kw["seed"],
+                      allocation=kw["allocation"].strip().lower())
     return RunSpec(
         model=ModelSource(spec=kw["model"], weights=kw["weights"], arch=kw["arch"], trust_pickle=kw["trust_pickle"]),
         prune=prune,
@@ -227,7 +240,8 @@ def _run_spec(kw: dict[str, Any]) -> Any:
                         warmup_epochs=kw["warmup_epochs"], distill=not kw["no_distill"],
                         distill_temperature=kw["distill_temperature"], distill_alpha=kw["distill_alpha"],
                         bn_recalib_batches=kw["bn_recalib_batches"], head_refit=not kw["no_head_refit"]),
-        bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"]),
+        bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"],
+                        min_seconds=kw["bench_min_seconds"]),
         data=kw["data"], workers=kw["workers"], image_size=kw["image_size"], skip_bad_images=kw["skip_bad_images"],
         input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
         variants=tuple(k for k in variants.optional_kinds() if kw.get(k)), variant_options=_variant_options(kw),
@@ -466,10 +480,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     except DeployPruneError as exc:
         if _DEBUG["on"]:
             traceback.print_exc()
+        if exc.exit_code == 1 and is_out_of_memory(exc):  # e.g. the ONNX checker's std::bad_alloc, wrapped
+            exc = out_of_memory(exc.__cause__ or exc)
         _fail(exc.cli_message(), exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback unless --debug
         if _DEBUG["on"]:
             traceback.print_exc()
+        if is_out_of_memory(exc):
+            _fail(out_of_memory(exc).cli_message(), 2)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(f"internal failure: {type(exc).__name__}: {first[:300]} (rerun with --debug for the traceback)", 1)
     if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:  # an Exit typer returned instead of raising

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deploy_prune.errors import BadInput, ParityError, opt
+from deploy_prune.errors import BadInput, ParityError, is_out_of_memory, opt, out_of_memory
 from deploy_prune.timing import BenchResult
 
 __all__ = ["PruneResult", "ExportResult", "prune", "export", "benchmark", "load"]
@@ -211,6 +211,8 @@ def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
         with torch.no_grad():
             model(x)
     except Exception as exc:  # noqa: BLE001 - any failure here means the input (or the model) is wrong
+        if is_out_of_memory(exc):
+            raise out_of_memory(exc, "example_input") from None
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"the model does not run on {opt('example_input')} of shape {tuple(x.shape)} ({first}); "
                        "pass an input of the shape it expects") from None

@@ -23,6 +23,7 @@ import functools
 import gc
 import io
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+MAX_ITERS = 20000  # the most timed runs per variant that ``min_seconds`` asks for
 _ALIASES = {"cpu": CPU, "cuda": CUDA, CPU.lower(): CPU, CUDA.lower(): CUDA}
 
 # ORT element types we can synthesize a benchmark input for.
@@ -340,6 +342,7 @@ def benchmark(
     drop: int = 2,
     seed: int = 0,
     progress: bool = True,
+    min_seconds: float = 0.0,
 ) -> BenchResult:
     """Measure the latency of several ONNX files in one interleaved run (see the module docstring).
 
@@ -354,9 +357,15 @@ def benchmark(
         drop: runs discarded at the start of each block (cache refill after switching variant).
         seed: seed of the random input.
         progress: show a tqdm bar on stderr.
+        min_seconds: raise ``iters`` (up to :data:`MAX_ITERS`) until the fastest variant, at the speed its
+            warm-up runs show, is timed for at least this long. A sub-millisecond model timed 50 times is
+            timed for a few milliseconds, and its p50 ratio to another varied by 3-5% (coefficient of
+            variation) from one run to the next on a 2-core VM; timed for 0.5 s, by 0.4-1.3%
+            (docs/onnx-runtime.md). 0 = exactly ``iters``.
 
     Returns:
-        A :class:`BenchResult`; every variant has exactly ``iters`` samples.
+        A :class:`BenchResult`; every variant has exactly ``iters`` samples (``result.iters``: as raised by
+        ``min_seconds``).
 
     Raises:
         BadInput: no models, bad protocol numbers, a missing file, an input shape the models do not accept,
@@ -389,9 +398,17 @@ def benchmark(
         _check_shape(model_shape, shape, where)
         runners[name] = make_runner(session, base.astype(_NUMPY_TYPES[elem_type]), ep)
 
+    warm_ms: list[float] = []
     for name, run in runners.items():
+        times = []
         for _ in range(warmup):
+            t0 = time.perf_counter_ns()
             run()
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+        if times:
+            warm_ms.append(sorted(times[len(times) // 2:])[len(times[len(times) // 2:]) // 2])
+    if min_seconds > 0 and warm_ms:
+        iters = max(iters, min(MAX_ITERS, math.ceil(min_seconds * 1e3 / max(min(warm_ms), 1e-3))))
 
     names = list(runners)
     kept: dict[str, list[float]] = {name: [] for name in names}

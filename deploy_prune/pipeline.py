@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from deploy_prune import variants as variants_mod
-from deploy_prune.errors import BadInput, DeployPruneError, ParityError, opt
+from deploy_prune.errors import BadInput, DeployPruneError, ParityError, is_out_of_memory, opt, out_of_memory
 from deploy_prune.loading import DEFAULT_INPUT_SHAPE, LoadedModel, load_model, save_pruned
 from deploy_prune.metrics import count_macs, count_nonzero, count_params
 from deploy_prune.outputs import LOGITS, named_outputs
@@ -58,7 +58,7 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             say.note(f"dense accuracy: {known['dense']:.2f}%")
 
         measure = Measure(provider, spec.bench.threads, iters=max(20, min(50, spec.bench.iters)),
-                          seed=spec.prune.seed, progress=spec.progress)
+                          seed=spec.prune.seed, progress=spec.progress, min_seconds=spec.bench.min_seconds)
         pair = prune_pair(dense, spec.prune, inputs.shape, trainer, say, measure)
         if not distributed.is_main():
             code = distributed.wait_for_main()  # rank 0 exports, benchmarks and writes alone
@@ -72,10 +72,12 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             chosen = variants_mod.selected(spec.variants)
             made = make_variants(chosen, pair, dense, stage, inputs, trainer, provider, known,
                                  options=spec.variant_options, threads=spec.bench.threads)
-            say(f"benchmarking {' vs '.join(v.kind for v in chosen)} on {provider} ({spec.bench.iters} iterations "
-                "each)")
+            floor = f", each timed for at least {spec.bench.min_seconds:g} s" if spec.bench.min_seconds else ""
+            say(f"benchmarking {' vs '.join(v.kind for v in chosen)} on {provider} (at least {spec.bench.iters} "
+                f"iterations{floor})")
             result = bench.benchmark({m.kind: stage / m.file for m in made}, inputs.shape, provider=provider,
                                      threads=spec.bench.threads, iters=spec.bench.iters, seed=spec.prune.seed,
+                                     min_seconds=spec.bench.min_seconds,
                                      progress=spec.progress)
             tiny = _tiny_model_note(result)
             if tiny:
@@ -271,6 +273,8 @@ def check_runs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, torc
         with torch.no_grad():
             out = model(torch.zeros(*shape))
     except Exception as exc:  # noqa: BLE001 - any failure here means the shape (or the model) is wrong
+        if is_out_of_memory(exc):
+            raise out_of_memory(exc) from None
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"the model does not run on an input of shape {'x'.join(map(str, shape))} ({first}); "
                        f"pass the shape it expects with {opt('input_shape')}") from None

@@ -23,7 +23,7 @@ from deploy_prune.errors import BadInput, opt
 from deploy_prune.metrics import count_nonzero, count_params
 from deploy_prune.spec import PrunePlan, PruneSpec
 from deploy_prune.surgery import PlanConfig, analyze, choose, plan_from_roots, prune_channels, select
-from deploy_prune.target import Found, Measure, search, step_counts
+from deploy_prune.target import ALLOCATIONS, Found, Measure, search, step_counts
 from deploy_prune.train import Trainer
 from deploy_prune.unstructured import make_permanent, mask_to_nonzero, weight_layers
 
@@ -99,8 +99,10 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         if spec.target is not None:
             assert measure is not None
             if found is None:  # measured: on rank 0 only under torchrun, the result broadcast to every rank
+                allocations, judge = _allocations(spec, model, graph, trainer, finetune)
                 found = distributed.on_main(lambda: search(model, graph, crit, cfg, spec.target, shape, measure,
-                                                           getattr(say, "note", say)))
+                                                           getattr(say, "note", say), allocations=allocations,
+                                                           judge=judge))
             step_plan = plan_from_roots(graph, choose(graph, crit, step_counts(graph, found, step, spec.steps, cfg)))
         else:
             step_plan = select(graph, crit, cfg)
@@ -120,6 +122,24 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
                      "layers_changed": len(step_plan.kept), "widths_before": widths_before})
     assert plan is not None and first is not None
     return Pruned(model, plan, skipped, acc_before, rows, first, found)
+
+
+def _allocations(spec: PruneSpec, model: nn.Module, graph: Any, trainer: Trainer, finetune: bool
+                 ) -> tuple[tuple[str, ...], Callable[[PrunePlan], float] | None]:
+    """The allocations the target search tries, and how it judges them (``--allocation``)."""
+    if spec.allocation != "auto":
+        return (spec.allocation,), None
+    if not finetune or trainer.data is None or trainer.spec.bn_recalib_batches <= 0:
+        return ("latency",), None
+
+    def judge(plan: PrunePlan) -> float:
+        candidate = copy.deepcopy(model)
+        prune_channels(candidate, graph, plan)
+        score = trainer.score(candidate)
+        assert score is not None
+        return score
+
+    return tuple(ALLOCATIONS), judge
 
 
 # ----------------------------------------------------------------------------------------------------------

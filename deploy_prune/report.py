@@ -101,7 +101,8 @@ def build(*, spec: RunSpec, loaded: LoadedModel, shape: tuple[int, ...], pair: P
                                      "unstructured": pair.unstructured_accuracy_before},
         "cleanup": {m.kind: m.cleanup for m in made if m.cleanup is not None},
         "skipped_layers": structured.skipped,
-        "bench": {"method": bench.method, "iters": spec.bench.iters},
+        "bench": {"method": bench.method, "iters": bench.iters, "iters_asked": spec.bench.iters,
+                  "min_seconds": spec.bench.min_seconds},
         "notes": list(loaded.notes) + ([] if spec.data is not None else
                                        ["accuracy unknown: no --data given, so no finetuning and no evaluation"]),
     }

@@ -142,6 +142,9 @@ class Target:
             raise BadInput(f"{opt(name)} {self.value} is out of range: give {need}")
 
 
+ALLOCATION_CHOICES = ("auto", "latency", "importance", "uniform")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PruneSpec:
     """How to prune. Frozen and validated when made.
@@ -159,6 +162,10 @@ class PruneSpec:
         ignore: layers (qualified names, or prefixes ending in '.') never to prune.
         steps: prune (and finetune) iteratively in this many steps.
         seed: every random choice is seeded from it.
+        allocation: with a target, how the widths are shared out between layer groups: ``latency``
+            (importance x MACs per measured ms), ``importance`` (importance per ms), ``uniform`` (the same
+            fraction everywhere), or ``auto`` (with data: each is searched for the target and the most accurate
+            after BatchNorm re-estimation wins; without data: ``latency``).
     """
 
     criterion: str = "l1"
@@ -172,6 +179,7 @@ class PruneSpec:
     ignore: tuple[str, ...] = ()
     steps: int = 1
     seed: int = 0
+    allocation: str = "auto"
 
     def __post_init__(self) -> None:
         from deploy_prune import criteria  # the registry; imported late because criteria import surgery
@@ -201,6 +209,8 @@ class PruneSpec:
                            "threshold)")
         if self.steps < 1:
             raise BadInput(f"{opt('steps')} must be >= 1")
+        if self.allocation not in ALLOCATION_CHOICES:
+            raise BadInput(f"{opt('allocation')} {self.allocation!r}: choose one of {', '.join(ALLOCATION_CHOICES)}")
         if self.target is not None and self.layer_ratios:
             raise BadInput("per-layer ratios from a sensitivity sweep and a latency target exclude each other")
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -287,6 +297,9 @@ class TrainSpec:
             raise BadInput(f"{opt('bn_recalib_batches')} must be >= 0 (0 turns BatchNorm re-estimation off)")
 
 
+BENCH_MIN_SECONDS = 0.5  # what `deploy-prune run` and its target search time each variant for, at least
+
+
 @dataclass(frozen=True, kw_only=True)
 class BenchSpec:
     """Where and how latency is measured."""
@@ -294,10 +307,14 @@ class BenchSpec:
     provider: str = "auto"
     iters: int = 100
     threads: int | None = None
+    min_seconds: float = BENCH_MIN_SECONDS  # time each variant at least this long (more iterations if fast)
 
     def __post_init__(self) -> None:
         if self.iters < 1:
             raise BadInput(f"{opt('bench_iters')} must be >= 1")
+        if not (self.min_seconds >= 0 and math.isfinite(self.min_seconds)):
+            raise BadInput(f"{opt('bench_min_seconds')} must be a number of seconds >= 0 (0 = exactly "
+                           f"{opt('bench_iters')})")
         if self.threads is not None and self.threads < 1:
             raise BadInput(f"{opt('threads')} must be >= 1")
 

@@ -25,6 +25,12 @@
    bisection on one global knob: the position along the trajectory) until the measured speedup is in
    ``[X, 1.1 X]`` (a probe that would end the search is timed twice and judged on the geometric mean, since
    the final benchmark measures it once more). A target beyond the trajectory's end is refused with the best speedup it reached.
+4. **A choice among allocations** (``allocations`` and ``judge`` of :func:`search`, ``--allocation auto``):
+   besides the trajectory above (``latency``), one without the MAC factor (``importance``) and uniform pruning
+   (``uniform``) are searched for the same target, and the candidate that scores best after BatchNorm
+   re-estimation and the classifier refit wins, as EagleEye (Li et al., ECCV 2020) picks among candidate
+   sub-networks by their accuracy after adaptive BN. On a model whose time does not follow its MACs (the
+   28x28 digits CNN at 3x), uniform pruning kept far more accuracy than the MAC-weighted allocation.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch.nn as nn
 
 from deploy_prune import latency
 from deploy_prune.errors import TargetUnreachable, opt
-from deploy_prune.spec import TARGET_BAND, PrunePlan, Target
+from deploy_prune.spec import BENCH_MIN_SECONDS, TARGET_BAND, PrunePlan, Target
 from deploy_prune.surgery import DependencyGraph, Group, PlanConfig, choose, comparable_scores, plan_from_roots
 from deploy_prune.surgery.apply import prune_channels
 
@@ -63,6 +69,7 @@ class Measure:
     seed: int = 0
     progress: bool = True
     cache_dir: Path | None = None
+    min_seconds: float = BENCH_MIN_SECONDS  # each probe's variants timed at least this long (bench.benchmark)
 
     def timer(self) -> latency.Timer:
         return latency.Timer(self.provider, self.threads)
@@ -119,8 +126,11 @@ def class_weights(graph: DependencyGraph, model: latency.LatencyModel) -> dict[i
 
 
 def trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], model: latency.LatencyModel,
-               cfg: PlanConfig) -> list[State]:
-    """Greedy latency-aware allocation from dense to the planner's limits (see the module docstring)."""
+               cfg: PlanConfig, mac_weighted: bool = True) -> list[State]:
+    """Greedy latency-aware allocation from dense to the planner's limits (see the module docstring).
+
+    ``mac_weighted=False`` drops the compute factor: a channel weighs its comparable score alone (the
+    ``importance`` allocation)."""
     groups = {g.id: g for g in graph.groups}
     order: dict[int, list[float]] = {}  # scores of each group, highest first (kept first)
     allowed: dict[int, list[int]] = {}
@@ -130,7 +140,7 @@ def trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], model: l
         never = g.size - len(finite)
         order[g.id] = [math.inf] * never + finite
         allowed[g.id] = allowed_counts(g, cfg, never)
-    weight = class_weights(graph, model)
+    weight = class_weights(graph, model) if mac_weighted else {g.id: 1.0 for g in graph.groups}
     counts = {g.id: g.size for g in graph.groups}
     frac = {g.id: 1.0 for g in graph.groups}
     predicted = model.predict(frac)
@@ -160,6 +170,42 @@ def trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], model: l
     return states
 
 
+def uniform_trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], model: latency.LatencyModel,
+                       cfg: PlanConfig, points: int = 200) -> list[State]:
+    """Every group at the same kept fraction (the allowed count nearest to it), from dense to the planner's
+    limits: uniform pruning, as Torch-Pruning and Li et al. do it, on the same measured search."""
+    allowed = {}
+    for g in graph.groups:
+        never = int(sum(1 for v in scores[g.id] if not math.isfinite(float(v))))
+        allowed[g.id] = allowed_counts(g, cfg, never)
+    states: list[State] = []
+    for j in range(points + 1):
+        f = 1.0 - j / points
+        counts = {g.id: min(allowed[g.id], key=lambda v, n=g.size: (abs(v - f * n), -v)) for g in graph.groups}
+        if states and counts == states[-1].counts:
+            continue
+        frac = {g.id: counts[g.id] / g.size for g in graph.groups}
+        states.append(State(counts, model.predict(frac)))
+    return states
+
+
+ALLOCATIONS = {
+    "latency": "latency-aware: greedy importance x MACs per predicted ms",
+    "importance": "latency-aware: greedy importance per predicted ms",
+    "uniform": "uniform: every group at the same kept fraction",
+}
+
+
+def allocation_states(name: str, graph: DependencyGraph, scores: dict[int, torch.Tensor],
+                      model: latency.LatencyModel, cfg: PlanConfig) -> list[State]:
+    """The trajectory of one allocation (a key of :data:`ALLOCATIONS`), from dense to the planner's limits."""
+    if name == "uniform":
+        return uniform_trajectory(graph, scores, model, cfg)
+    if name not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {name!r}")
+    return trajectory(graph, scores, model, cfg, mac_weighted=name == "latency")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the measured search
 
@@ -173,13 +219,14 @@ class Probe:
     dense_ms: float
     probe_ms: float
     predicted_speedup_raw: float  # the latency tables' own prediction, uncalibrated
+    allocation: str = "latency"  # the trajectory it lies on (a key of ALLOCATIONS)
     repeats: tuple[float, ...] = ()  # when the probe was timed twice: both measurements (``measured``: their mean)
 
     def to_json(self) -> dict[str, Any]:
         out = {"macs": self.macs, "predicted": round(self.predicted, 4), "measured": round(self.measured, 4),
                "trajectory_index": self.index, "dense_ms": round(self.dense_ms, 4),
                "structured_ms": round(self.probe_ms, 4),
-               "table_speedup_uncalibrated": round(self.predicted_speedup_raw, 4)}
+               "table_speedup_uncalibrated": round(self.predicted_speedup_raw, 4), "allocation": self.allocation}
         if self.repeats:
             out["repeats"] = [round(r, 4) for r in self.repeats]
         return out
@@ -244,7 +291,7 @@ class OrtProber(Prober):
         export_onnx(pruned, path, self.example)
         res = bench.benchmark({"dense": self.dense_path, "probe": path}, self.shape, provider=self.measure.provider,
                               threads=self.measure.threads, iters=self.measure.iters, seed=self.measure.seed,
-                              progress=False)
+                              progress=False, min_seconds=self.measure.min_seconds)
         path.unlink()
         return res.stats["dense"].p50, res.stats["probe"].p50
 
@@ -280,20 +327,42 @@ class Calibration:
         return next((i for i, c in enumerate(candidates) if self(c) >= measured), len(candidates) - 1)
 
 
+Judge = Callable[[PrunePlan], float]
+"""Scores a candidate plan (higher is better): the pruning stage prunes a copy with it, re-estimates BatchNorm
+and refits the classifier, and returns its accuracy on held-out training batches."""
+
+
+@dataclass
+class _Searched:
+    """One allocation's measured search: its trajectory, every probe, the plans built, the probe chosen."""
+
+    allocation: str
+    states: list[State]
+    probes: list[Probe]
+    plans: dict[int, PrunePlan]
+    chosen: Probe
+    score: float | None = None
+
+
 def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig, target: Target,
            shape: tuple[int, ...], measure: Measure | None = None, say: Callable[[str], None] = lambda _: None,
-           prober: Prober | None = None) -> Found:
+           prober: Prober | None = None, allocations: tuple[str, ...] = ("latency",),
+           judge: Judge | None = None) -> Found:
     """Find per-group widths whose measured speedup (or latency) meets ``target``.
 
     ``model`` (already prepared by the criterion) and ``graph`` (its analysis) are not modified. Latencies come
     from ``prober`` (default: ONNX Runtime on ``measure``'s provider and threads).
 
+    With several ``allocations`` (keys of :data:`ALLOCATIONS`) and a ``judge``, each allocation is searched for
+    the target on its own, and the one whose chosen probe meets the target with the best ``judge`` score wins
+    (EagleEye, Li et al. 2020: candidates compared after adaptive BatchNorm, before any finetuning).
+
     Raises:
         TargetUnreachable: even the trajectory's end (every group at the planner's limits) is too slow.
     """
-    from deploy_prune.metrics import count_macs
-
     t0 = time.perf_counter()
+    if judge is None:
+        allocations = allocations[:1]
     with tempfile.TemporaryDirectory(prefix="deploy-prune-probe-") as tmp:
         if prober is None:
             assert measure is not None, "search() needs a Measure or a Prober"
@@ -301,79 +370,118 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
             prober = OrtProber(model, shape, measure, Path(tmp))
         say("latency tables: one-layer ONNX Runtime timings at a grid of widths (cached)")
         lat = prober.tables(graph, shape[0], cfg.round_to)
-        states = trajectory(graph, comparable_scores(graph, criterion), lat, cfg)
-        dense_pred = states[0].predicted_ms
-        speed = [dense_pred / s.predicted_ms for s in states]  # the tables' predicted speedup, ascending
-        cal = Calibration()
-        probes: list[Probe] = []
-        plans: dict[int, PrunePlan] = {}
-        unit = "x" if target.kind == "speedup" else " ms"
+        scores = comparable_scores(graph, criterion)
+        done: list[_Searched] = []
+        unreachable: list[str] = []
+        for name in allocations:
+            if len(allocations) > 1:
+                say(f"allocation {name}: {ALLOCATIONS[name]}")
+            states = allocation_states(name, graph, scores, lat, cfg)
+            try:
+                done.append(_search_states(model, graph, criterion, cfg, target, shape, states, prober, say, name))
+            except TargetUnreachable:
+                if not done:  # every trajectory ends at the same widths (each group at the planner's limit)
+                    raise
+                unreachable.append(name)
+    if judge is not None and len(allocations) > 1:
+        for d in done:
+            d.score = judge(d.plans[d.chosen.index])
+            say(f"allocation {d.allocation}: measured {d.chosen.measured:.3g}, score {d.score:.2f} after "
+                "BatchNorm re-estimation")
+    best = max(done, key=lambda d: (_in_band(target, d.chosen.measured) == 0,
+                                    _in_band(target, d.chosen.measured) >= 0,
+                                    d.score if d.score is not None else 0.0, -done.index(d)))
+    probes = [p for d in done for p in d.probes]
+    errors = [abs(p.predicted_speedup_raw - p.dense_ms / p.probe_ms) / (p.dense_ms / p.probe_ms) for p in probes]
+    info: dict[str, Any] = {
+        "round_to": cfg.round_to, "allocation": ALLOCATIONS[best.allocation],
+        "trajectory_points": len(best.states),
+        "latency_tables": {"sites": len(lat.sites), "measured": lat.measured, "reused_from_cache": lat.reused,
+                           **prober.info()},
+        "table_speedup_error_median": round(sorted(errors)[len(errors) // 2], 4),
+        "search_seconds": round(time.perf_counter() - t0, 1)}
+    if len(allocations) > 1:
+        info["allocation_choice"] = {
+            "chosen": best.allocation,
+            "judged_by": "top-1 % on held-out training batches after BatchNorm re-estimation and the classifier "
+                         "refit, among the allocations whose probe met the target",
+            "candidates": [{"allocation": d.allocation, "measured": round(d.chosen.measured, 4),
+                            "macs": d.chosen.macs, "score": None if d.score is None else round(d.score, 2),
+                            "probes": len(d.probes)} for d in done]
+                          + [{"allocation": a, "unreachable": True} for a in unreachable]}
+    chosen = best.states[best.chosen.index].counts
+    return Found({groups_key(g): chosen[g.id] for g in graph.groups}, {groups_key(g): g.size for g in graph.groups},
+                 best.plans[best.chosen.index], target, probes, probes.index(best.chosen), info)
 
-        def aim() -> float:
-            """The speedup to aim at: the band's middle (a latency target through the latest dense time)."""
-            if target.kind == "speedup":
-                return AIM * target.value
-            dense = probes[-1].dense_ms if probes else dense_pred
-            return dense / (target.value / AIM)
 
-        lo, hi = (0 if target.kind == "speedup" else -1), len(states)
-        while len(probes) < MAX_PROBES and hi - lo > 1:
-            i = cal.inverse(aim(), speed)
-            if i <= lo or i >= hi or i in plans:
-                i = (lo + hi) // 2
-            i = min(max(i, lo + 1), hi - 1)
-            plan = plans[i] = plan_from_roots(graph, choose(graph, criterion, states[i].counts))
-            pruned = copy.deepcopy(model)
-            prune_channels(pruned, graph, plan)
-            dense_ms, probe_ms = prober.time(pruned)
-            predicted_speedup = cal(speed[i])
-            cal.add(speed[i], dense_ms / probe_ms)
-            if target.kind == "speedup":
-                pred, meas = predicted_speedup, dense_ms / probe_ms
-            else:
-                pred, meas = dense_ms / predicted_speedup, probe_ms
-            probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i]))
-            say(f"probe {len(probes)}: predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
-                f"(target {target.value:g}{unit})")
+def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig, target: Target,
+                   shape: tuple[int, ...], states: list[State], prober: Prober, say: Callable[[str], None],
+                   allocation: str) -> _Searched:
+    """The measured bisection along one trajectory (see the module docstring)."""
+    from deploy_prune.metrics import count_macs
+
+    dense_pred = states[0].predicted_ms
+    speed = [dense_pred / s.predicted_ms for s in states]  # the tables' predicted speedup, ascending
+    cal = Calibration()
+    probes: list[Probe] = []
+    plans: dict[int, PrunePlan] = {}
+    unit = "x" if target.kind == "speedup" else " ms"
+
+    def aim() -> float:
+        """The speedup to aim at: the band's middle (a latency target through the latest dense time)."""
+        if target.kind == "speedup":
+            return AIM * target.value
+        dense = probes[-1].dense_ms if probes else dense_pred
+        return dense / (target.value / AIM)
+
+    lo, hi = (0 if target.kind == "speedup" else -1), len(states)
+    while len(probes) < MAX_PROBES and hi - lo > 1:
+        i = cal.inverse(aim(), speed)
+        if i <= lo or i >= hi or i in plans:
+            i = (lo + hi) // 2
+        i = min(max(i, lo + 1), hi - 1)
+        plan = plans[i] = plan_from_roots(graph, choose(graph, criterion, states[i].counts))
+        pruned = copy.deepcopy(model)
+        prune_channels(pruned, graph, plan)
+        dense_ms, probe_ms = prober.time(pruned)
+        predicted_speedup = cal(speed[i])
+        cal.add(speed[i], dense_ms / probe_ms)
+        if target.kind == "speedup":
+            pred, meas = predicted_speedup, dense_ms / probe_ms
+        else:
+            pred, meas = dense_ms / predicted_speedup, probe_ms
+        probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i], allocation))
+        say(f"probe {len(probes)}: predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
+            f"(target {target.value:g}{unit})")
+        side = _in_band(target, meas)
+        if side == 0 and _in_band(target, meas, inner=True) == 0:
+            # Accepting ends the search, and the final benchmark measures the model once more; one timing
+            # can be a few percent off (ResNet-18 at 3x: a probe at 3.11x measured 3.00x in the final run),
+            # so confirm with a second one and judge their geometric mean (half the variance).
+            dense2, probe2 = prober.time(pruned)
+            meas2 = dense2 / probe2 if target.kind == "speedup" else probe2
+            both = (meas, meas2)
+            meas = (meas * meas2) ** 0.5
+            probes[-1] = dataclasses.replace(probes[-1], measured=meas, repeats=both,
+                                             dense_ms=(dense_ms * dense2) ** 0.5,
+                                             probe_ms=(probe_ms * probe2) ** 0.5)
+            say(f"probe {len(probes)} timed again: {meas2:.3g}{unit}; mean {meas:.3g}{unit}")
             side = _in_band(target, meas)
             if side == 0 and _in_band(target, meas, inner=True) == 0:
-                # Accepting ends the search, and the final benchmark measures the model once more; one timing
-                # can be a few percent off (ResNet-18 at 3x: a probe at 3.11x measured 3.00x in the final run),
-                # so confirm with a second one and judge their geometric mean (half the variance).
-                dense2, probe2 = prober.time(pruned)
-                meas2 = dense2 / probe2 if target.kind == "speedup" else probe2
-                both = (meas, meas2)
-                meas = (meas * meas2) ** 0.5
-                probes[-1] = dataclasses.replace(probes[-1], measured=meas, repeats=both,
-                                                 dense_ms=(dense_ms * dense2) ** 0.5,
-                                                 probe_ms=(probe_ms * probe2) ** 0.5)
-                say(f"probe {len(probes)} timed again: {meas2:.3g}{unit}; mean {meas:.3g}{unit}")
-                side = _in_band(target, meas)
-                if side == 0 and _in_band(target, meas, inner=True) == 0:
-                    break
-            faster = meas > AIM * target.value if target.kind == "speedup" else meas < target.value / AIM
-            if side > 0 or (side == 0 and faster):
-                hi = i
-            else:
-                lo = i
-                if side < 0 and i == len(states) - 1:
-                    what = f"speedup {meas:.2f}x" if target.kind == "speedup" else f"latency {meas:.3g} ms"
-                    raise TargetUnreachable(
-                        f"the target {target.value:g}{unit} cannot be reached: the fastest model the planner "
-                        f"allows measured {what} (every layer group at {opt('max_layer_ratio')} "
-                        f"{cfg.max_layer_ratio:g} or at one step of {cfg.round_to} channels); ask for less, or "
-                        f"raise {opt('max_layer_ratio')}")
-    chosen = _pick(target, probes)
-    errors = [abs(p.predicted_speedup_raw - p.dense_ms / p.probe_ms) / (p.dense_ms / p.probe_ms) for p in probes]
-    info = {"round_to": cfg.round_to, "allocation": "latency-aware: greedy importance x MACs per predicted ms",
-            "trajectory_points": len(states),
-            "latency_tables": {"sites": len(lat.sites), "measured": lat.measured, "reused_from_cache": lat.reused,
-                               **prober.info()},
-            "table_speedup_error_median": round(sorted(errors)[len(errors) // 2], 4),
-            "search_seconds": round(time.perf_counter() - t0, 1)}
-    return Found({groups_key(g): states[chosen.index].counts[g.id] for g in graph.groups},
-                 {groups_key(g): g.size for g in graph.groups}, plans[chosen.index], target, probes,
-                 probes.index(chosen), info)
+                break
+        faster = meas > AIM * target.value if target.kind == "speedup" else meas < target.value / AIM
+        if side > 0 or (side == 0 and faster):
+            hi = i
+        else:
+            lo = i
+            if side < 0 and i == len(states) - 1:
+                what = f"speedup {meas:.2f}x" if target.kind == "speedup" else f"latency {meas:.3g} ms"
+                raise TargetUnreachable(
+                    f"the target {target.value:g}{unit} cannot be reached: the fastest model the planner "
+                    f"allows measured {what} (every layer group at {opt('max_layer_ratio')} "
+                    f"{cfg.max_layer_ratio:g} or at one step of {cfg.round_to} channels); ask for less, or "
+                    f"raise {opt('max_layer_ratio')}")
+    return _Searched(allocation, states, probes, plans, _pick(target, probes))
 
 
 def _in_band(target: Target, value: float, inner: bool = False) -> int:

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploy_prune.bench import (
     CPU,
+    MAX_ITERS,
     BenchResult,
     LatencyStats,
     bench_files,
@@ -136,6 +137,19 @@ def test_benchmark_protocol(models: dict[str, Path]) -> None:
     sp = result.speedups("dense")
     assert sp["structured"] == pytest.approx(result.stats["dense"].p50 / result.stats["structured"].p50)
     assert result.to_dict()["latency_ms"]["structured"]["n"] == 13
+
+
+def test_min_seconds_raises_the_iterations_of_fast_models_alike_for_every_variant(models: dict[str, Path]) -> None:
+    pair = {"dense": models["dense"], "structured": models["structured"]}
+    exact = benchmark(pair, (1, 3, 16, 16), iters=7, warmup=3, threads=1, progress=False)
+    assert exact.iters == 7 and all(len(s) == 7 for s in exact.samples.values())
+    # a 16x16 conv runs in well under 10 ms, so timing it for 0.1 s takes more than 10 runs; never above the cap
+    raised = benchmark(pair, (1, 3, 16, 16), iters=7, warmup=3, threads=1, progress=False, min_seconds=0.1)
+    assert 10 < raised.iters <= MAX_ITERS
+    assert all(len(s) == raised.iters for s in raised.samples.values())
+    assert f"until each had {raised.iters} kept runs" in raised.method
+    # without warm-up runs there is nothing to estimate the speed from: exactly iters
+    assert benchmark(pair, (1, 3, 16, 16), iters=7, warmup=0, threads=1, progress=False, min_seconds=0.1).iters == 7
 
 
 def test_benchmark_rejects_bad_settings(models: dict[str, Path]) -> None:

@@ -73,6 +73,26 @@ def test_bn_reestimation_matches_batch_statistics_and_recovers_accuracy(digits) 
     assert before < 20 and after > before + 15, (before, after)
 
 
+def test_a_candidate_is_scored_on_training_batches_after_the_same_repair_without_recording_it(digits) -> None:
+    from deploy_prune.train import Trainer
+
+    dense, data = digits
+    trainer = Trainer(data, TrainSpec(bn_recalib_batches=10), seed=0, progress=False, teacher=dense)
+    stale = _l1_half(dense)
+    a, b = _l1_half(dense), _l1_half(dense)
+    score = trainer.score(a)
+    assert score == trainer.score(b)  # seeded: the same batches, the same repair
+    assert trainer.recalibrated == []  # judging a candidate is not a re-estimation of the run's model
+    # the score is the accuracy, on the first 20 batches of the second seeded order, of the model as repaired by
+    # recalibrate(): computed here independently of score()
+    repaired = _l1_half(dense)
+    trainer.recalibrate(repaired, "test")
+    expected = evaluate(repaired, calibration_loader(data.train, seed=1), max_batches=20)
+    assert score == pytest.approx(expected)
+    assert score > evaluate(stale, calibration_loader(data.train, seed=1), max_batches=20) + 15
+    assert Trainer(None, TrainSpec(), 0, False).score(_l1_half(dense)) is None
+
+
 def test_bn_reestimation_leaves_parameters_and_zero_batches_alone(digits) -> None:
     dense, data = digits
     m = copy.deepcopy(dense)

@@ -109,7 +109,7 @@ def test_a_toy_variant_registered_in_one_place_is_made_benchmarked_and_reported(
         kinds = {v["kind"]: v for v in rep["variants"]}
         assert set(kinds) == {"dense", "unstructured", "structured", "rounded"}
         assert kinds["rounded"]["params"] == kinds["structured"]["params"]
-        assert kinds["rounded"]["parity"]["ok"] and kinds["rounded"]["latency_ms"]["n"] == 2
+        assert kinds["rounded"]["parity"]["ok"] and kinds["rounded"]["latency_ms"]["n"] == rep["bench"]["iters"] >= 2
         onnx.checker.check_model(str(tmp_path / "b" / "rounded.onnx"))
         saved = json.loads((tmp_path / "b" / "report.json").read_text())
         assert [v["kind"] for v in saved["variants"]][-1] == "rounded"

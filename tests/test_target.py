@@ -20,7 +20,8 @@ from deploy_prune.cli.main import main
 from deploy_prune.errors import BadInput, TargetUnreachable
 from deploy_prune.spec import PruneSpec, Target
 from deploy_prune.surgery import PlanConfig, analyze, kept_count, uniform_counts
-from deploy_prune.target import (Calibration, Prober, allowed_counts, search, trajectory)
+from deploy_prune.target import (ALLOCATIONS, Calibration, Prober, allowed_counts, allocation_states, search,
+                                 trajectory)
 
 SHAPE = (1, 3, 32, 32)
 
@@ -192,6 +193,73 @@ def test_allocation_gives_up_expensive_per_mac_layers_first() -> None:
         pytest.fail("uniform pruning never got as fast")
 
 
+def test_the_uniform_allocation_keeps_one_fraction_everywhere_down_to_the_same_end() -> None:
+    model, graph, crit, prober = _setup()
+    cfg = PlanConfig(ratio=0.0, round_to=8)
+    lat = prober.tables(graph, 1, 8)
+    scores = criteria_scores(graph, crit)
+    uniform = allocation_states("uniform", graph, scores, lat, cfg)
+    sizes = {g.id: g.size for g in graph.groups}
+    assert uniform[0].counts == sizes
+    for s in uniform:  # every group within one step (8 channels) of the same kept fraction
+        fracs = [s.counts[g] / n for g, n in sizes.items()]
+        assert max(fracs) - min(fracs) <= 8 / min(sizes.values()) + 1e-9
+    for a, b in zip(uniform, uniform[1:]):
+        assert all(b.counts[g] <= a.counts[g] for g in sizes) and b.counts != a.counts
+    # every allocation runs from dense to the same widths: each group at the planner's limit
+    ends = [allocation_states(name, graph, scores, lat, cfg)[-1].counts for name in ALLOCATIONS]
+    assert all(e == ends[0] for e in ends)
+    assert ends[0] == {g.id: allowed_counts(g, cfg)[0] for g in graph.groups}
+
+
+def _width_spread(model, graph):
+    """A judge that prefers even pruning: minus the spread of the kept fractions of the convs' outputs."""
+    import copy
+
+    from deploy_prune.surgery import prune_channels
+
+    def judge(plan) -> float:
+        m = copy.deepcopy(model)
+        prune_channels(m, graph, plan)
+        fr = [m.get_submodule(n).out_channels / model.get_submodule(n).out_channels
+              for n in ("stem.0", "a.0", "b.0", "c.0")]
+        return -(max(fr) - min(fr))
+
+    return judge
+
+
+def test_with_a_judge_every_allocation_is_searched_and_the_best_judged_one_wins() -> None:
+    model, graph, crit, prober = _setup()
+    cfg = PlanConfig(ratio=0.0, round_to=2)
+    found = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
+                   allocations=tuple(ALLOCATIONS), judge=_width_spread(model, graph))
+    choice = found.info["allocation_choice"]
+    assert [c["allocation"] for c in choice["candidates"]] == list(ALLOCATIONS)
+    assert choice["chosen"] == "uniform"  # the judge's favourite, and its probe met the target
+    assert all(2.0 <= c["measured"] <= 2.2 for c in choice["candidates"])
+    scores = {c["allocation"]: c["score"] for c in choice["candidates"]}
+    assert scores["uniform"] == max(scores.values())
+    # the chosen probe lies on the uniform trajectory, and every probe of every search is reported
+    assert found.probes[found.chosen].allocation == "uniform"
+    assert {p["allocation"] for p in found.report()["probes"]} == set(ALLOCATIONS)
+    assert found.info["allocation"] == ALLOCATIONS["uniform"]
+    import copy
+
+    from deploy_prune.surgery import prune_channels
+
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, found.plan)
+    assert prober.model_ms(model) / prober.model_ms(pruned) == pytest.approx(found.probes[found.chosen].measured)
+    # a judge that cannot tell them apart keeps the first allocation (latency-aware)
+    tie = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
+                 allocations=tuple(ALLOCATIONS), judge=lambda plan: 50.0)
+    assert tie.info["allocation_choice"]["chosen"] == "latency"
+    # without a judge only the first allocation is searched
+    alone = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
+                   allocations=("importance", "latency"))
+    assert "allocation_choice" not in alone.info and {p.allocation for p in alone.probes} == {"importance"}
+
+
 def criteria_scores(graph, crit):
     from deploy_prune.surgery import comparable_scores
 
@@ -274,6 +342,23 @@ def test_round_to_auto_finds_the_kernels_block(block: int) -> None:
     assert step == block and info["layers"]
 
 
+class TinyLayersTimer(StepTimer):
+    """The same kernel, but the model's own layers take microseconds (a small model: overhead, not blocks)."""
+
+    def site(self, site: latency.Site, cin: int, cout: int) -> float:
+        t = super().site(site, cin, cout)
+        return t if site.name.startswith("reference") else t / 1e3
+
+
+@pytest.mark.parametrize("block", [8, 16, 32])
+def test_round_to_auto_times_a_reference_conv_when_the_model_is_too_small_to_show_the_block(block: int) -> None:
+    graph = analyze(Net().eval(), SHAPE)
+    step, info = latency.choose_step(latency.sites(graph, 1), TinyLayersTimer(block))
+    assert step == block
+    assert [row["layer"] for row in info["layers"]] == ["reference conv 3x3 64x56x56"]
+    assert "reference conv" in info["reason"]
+
+
 def _cli(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -319,6 +404,31 @@ def test_a_target_run_reports_what_it_measured(tmp_path: Path, monkeypatch) -> N
     assert rep["round_to"] in (8, 16, 32) and rep["round_to_auto"]["chosen"] == rep["round_to"]
     assert 0 < rep["ratio"] < 1  # with a target: the effective share of channels removed
     assert (tmp_path / "cache").is_dir()
+
+
+@pytest.mark.slow  # three searches and three judged candidates: about a minute on 2 cores
+def test_with_data_a_target_run_chooses_its_allocation_by_accuracy_after_bn_reestimation(tmp_path: Path,
+                                                                                           monkeypatch) -> None:
+    monkeypatch.setenv("DEPLOY_PRUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "b"
+    assert _cli(["run", "builtin:mnist_cnn", "--data", "mnist5k", "--no-finetune", "--target-speedup", "1.5",
+                 "--threads", "1", "--bench-iters", "20", "--bench-min-seconds", "0.05", "--out", str(out),
+                 "-q"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    choice = rep["target"]["allocation_choice"]
+    judged = [c for c in choice["candidates"] if "score" in c]
+    assert {c["allocation"] for c in choice["candidates"]} == set(ALLOCATIONS) and judged
+    assert all(0 <= c["score"] <= 100 and c["measured"] > 0 for c in judged)
+    chosen = next(c for c in judged if c["allocation"] == choice["chosen"])
+    # nothing that landed in the band as well scored higher
+    band = [c for c in judged if 1.5 <= c["measured"] <= 1.65]
+    if chosen in band:
+        assert chosen["score"] == max(c["score"] for c in band)
+    # the model in the bundle is the chosen candidate: its MACs are the chosen probe's
+    st = next(v for v in rep["variants"] if v["kind"] == "structured")
+    assert st["macs"] == chosen["macs"]
+    assert rep["target"]["allocation"] == ALLOCATIONS[choice["chosen"]]
+    assert rep["bench"]["min_seconds"] == 0.05 and rep["bench"]["iters"] >= 20
 
 
 def test_sub_millisecond_models_get_the_one_thread_hint() -> None:

@@ -76,21 +76,10 @@ class Trainer:
         (:func:`deploy_prune.train.bn.recalibrate_bn`), then, with ``spec.head_refit``, refit each classifier
         whose inputs were narrowed to the dense model's outputs (:func:`deploy_prune.train.headfit.refit_heads`).
         Nothing without data or with 0 batches."""
-        n = self.spec.bn_recalib_batches
-        if self.data is None or n <= 0:
+        if self.data is None or self.spec.bn_recalib_batches <= 0:
             return None
-        # A training transform with random crops draws from torch's global RNG when read outside the training
-        # sampler: seed it for each pass, so that both passes see the same images whatever ran before (a resumed
-        # run, other runs in the same process), and leave the global RNG as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            done = recalibrate_bn(model, self.data.train, n, seed=self.seed)
-            heads: list[dict[str, Any]] = []
-            if self.spec.head_refit and self.teacher is not None:
-                torch.manual_seed(self.seed)
-                loader = self.data.train
-                batches = calibration_loader(loader, self.seed) if isinstance(loader, DataLoader) else loader
-                heads = refit_heads(model, self.teacher, batches, n)
+            done, heads = self._repair(model)
         if done is None and not heads:
             return None
         row: dict[str, Any] = {"after": what, **(done or {"batches": 0, "images": 0, "layers": 0})}
@@ -98,6 +87,38 @@ class Trainer:
             row["head_refit"] = heads
         self.recalibrated.append(row)
         return row
+
+    def _repair(self, model: nn.Module) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """BatchNorm re-estimation, then the classifier refit (the caller forks the RNG)."""
+        n = self.spec.bn_recalib_batches
+        # A training transform with random crops draws from torch's global RNG when read outside the training
+        # sampler: seed it for each pass, so that both passes see the same images whatever ran before (a resumed
+        # run, other runs in the same process), and leave the global RNG as it was.
+        torch.manual_seed(self.seed)
+        done = recalibrate_bn(model, self.data.train, n, seed=self.seed)
+        heads: list[dict[str, Any]] = []
+        if self.spec.head_refit and self.teacher is not None:
+            torch.manual_seed(self.seed)
+            batches = self._ordered(self.seed)
+            heads = refit_heads(model, self.teacher, batches, n)
+        return done, heads
+
+    def _ordered(self, seed: int) -> Any:
+        loader = self.data.train
+        return calibration_loader(loader, seed) if isinstance(loader, DataLoader) else loader
+
+    def score(self, model: nn.Module, batches: int = 20) -> float | None:
+        """How good a candidate pruned ``model`` is before any finetuning, the way EagleEye (Li et al. 2020)
+        compares candidates: BatchNorm re-estimated (and the classifier refit) exactly as :meth:`recalibrate`
+        does, then top-1 % on ``batches`` training batches drawn in a second seeded order. The validation
+        split is never looked at, so choosing by this score does not tune on the reported accuracy. ``model``
+        is changed (statistics, heads); None without data or with re-estimation off."""
+        if self.data is None or self.spec.bn_recalib_batches <= 0:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            self._repair(model)
+            torch.manual_seed(self.seed + 1)
+            return float(evaluate(model, self._ordered(self.seed + 1), max_batches=batches))
 
     def finetune(self, model: nn.Module, desc: str, *, epochs: int | None = None,
                  after_step: Callable[[nn.Module], None] | None = None) -> None:
