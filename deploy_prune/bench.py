@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -358,10 +359,10 @@ def benchmark(
         seed: seed of the random input.
         progress: show a tqdm bar on stderr.
         min_seconds: raise ``iters`` (up to :data:`MAX_ITERS`) until the fastest variant, at the speed its
-            warm-up runs show, is timed for at least this long. A sub-millisecond model timed 50 times is
-            timed for a few milliseconds, and its p50 ratio to another varied by 3-5% (coefficient of
-            variation) from one run to the next on a 2-core VM; timed for 0.5 s, by 0.4-1.3%
-            (docs/onnx-runtime.md). 0 = exactly ``iters``.
+            warm-up runs show, is timed for at least this long. A sub-millisecond model timed 50 or 100 times
+            is timed for a few milliseconds: on a 2-core VM the speedup of a 0.13 ms digits model varied by
+            2.5-2.8% (coefficient of variation) from run to run that way, by 1.4% when timed for 0.5 s
+            (docs/onnx-runtime.md §3). 0 = exactly ``iters``.
 
     Returns:
         A :class:`BenchResult`; every variant has exactly ``iters`` samples (``result.iters``: as raised by
@@ -398,7 +399,7 @@ def benchmark(
         _check_shape(model_shape, shape, where)
         runners[name] = make_runner(session, base.astype(_NUMPY_TYPES[elem_type]), ep)
 
-    warm_ms: list[float] = []
+    fastest_ms = math.inf  # the warm-up's speed of the fastest variant (median of each one's later runs)
     for name, run in runners.items():
         times = []
         for _ in range(warmup):
@@ -406,9 +407,9 @@ def benchmark(
             run()
             times.append((time.perf_counter_ns() - t0) / 1e6)
         if times:
-            warm_ms.append(sorted(times[len(times) // 2:])[len(times[len(times) // 2:]) // 2])
-    if min_seconds > 0 and warm_ms:
-        iters = max(iters, min(MAX_ITERS, math.ceil(min_seconds * 1e3 / max(min(warm_ms), 1e-3))))
+            fastest_ms = min(fastest_ms, statistics.median(times[len(times) // 2:]))
+    if min_seconds > 0 and math.isfinite(fastest_ms):
+        iters = max(iters, min(MAX_ITERS, math.ceil(min_seconds * 1e3 / max(fastest_ms, 1e-3))))
 
     names = list(runners)
     kept: dict[str, list[float]] = {name: [] for name in names}

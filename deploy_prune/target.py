@@ -51,7 +51,8 @@ import torch.nn as nn
 from deploy_prune import latency
 from deploy_prune.errors import TargetUnreachable, opt
 from deploy_prune.spec import BENCH_MIN_SECONDS, TARGET_BAND, PrunePlan, Target
-from deploy_prune.surgery import DependencyGraph, Group, PlanConfig, choose, comparable_scores, plan_from_roots
+from deploy_prune.surgery import (DependencyGraph, Group, PlanConfig, choose, comparable_scores, plan_from_roots,
+                                  uniform_counts)
 from deploy_prune.surgery.apply import prune_channels
 
 BAND = TARGET_BAND  # the measured speedup must land in [X, BAND * X]
@@ -172,20 +173,17 @@ def trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], model: l
 
 def uniform_trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], model: latency.LatencyModel,
                        cfg: PlanConfig, points: int = 200) -> list[State]:
-    """Every group at the same kept fraction (the allowed count nearest to it), from dense to the planner's
-    limits: uniform pruning, as Torch-Pruning and Li et al. do it, on the same measured search."""
-    allowed = {}
-    for g in graph.groups:
-        never = int(sum(1 for v in scores[g.id] if not math.isfinite(float(v))))
-        allowed[g.id] = allowed_counts(g, cfg, never)
+    """Uniform pruning, as Torch-Pruning and Li et al. do it, on the same measured search: every group keeps
+    what ``--ratio r`` keeps (:func:`~deploy_prune.surgery.plan.uniform_counts`), for ``r`` from 0 to the
+    planner's limit, and never fewer than the classes the criterion scores infinite."""
+    floor = {g.id: allowed_counts(g, cfg, int((~torch.isfinite(scores[g.id])).sum()))[0] for g in graph.groups}
     states: list[State] = []
     for j in range(points + 1):
-        f = 1.0 - j / points
-        counts = {g.id: min(allowed[g.id], key=lambda v, n=g.size: (abs(v - f * n), -v)) for g in graph.groups}
+        kept = uniform_counts(graph, dataclasses.replace(cfg, ratio=cfg.max_layer_ratio * j / points))
+        counts = {g.id: max(kept[g.id], floor[g.id]) for g in graph.groups}
         if states and counts == states[-1].counts:
             continue
-        frac = {g.id: counts[g.id] / g.size for g in graph.groups}
-        states.append(State(counts, model.predict(frac)))
+        states.append(State(counts, model.predict({g.id: counts[g.id] / g.size for g in graph.groups})))
     return states
 
 
@@ -329,7 +327,8 @@ class Calibration:
 
 Judge = Callable[[PrunePlan], float]
 """Scores a candidate plan (higher is better): the pruning stage prunes a copy with it, re-estimates BatchNorm
-and refits the classifier, and returns its accuracy on held-out training batches."""
+and refits the classifier, and returns its top-1 on training batches drawn in a second seeded order (never the
+validation split)."""
 
 
 @dataclass
@@ -403,8 +402,8 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
     if len(allocations) > 1:
         info["allocation_choice"] = {
             "chosen": best.allocation,
-            "judged_by": "top-1 % on held-out training batches after BatchNorm re-estimation and the classifier "
-                         "refit, among the allocations whose probe met the target",
+            "judged_by": "top-1 % on 20 training batches (a second seeded order) after BatchNorm re-estimation "
+                         "and the classifier refit; in-band probes first, then those meeting the target",
             "candidates": [{"allocation": d.allocation, "measured": round(d.chosen.measured, 4),
                             "macs": d.chosen.macs, "score": None if d.score is None else round(d.score, 2),
                             "probes": len(d.probes)} for d in done]
