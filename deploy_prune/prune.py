@@ -298,5 +298,5 @@ def resolve_round_to(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
 
     say("choosing the channel step (round_to auto): timing one-layer models on this provider")
     graph = analyze(dense, shape, ignore=spec.ignore)
-    step, info = latency.choose_step(latency.sites(graph, shape[0]), measure.timer())
+    step, info = latency.choose_step(latency.sites(graph, shape[0]), measure.timer(repeats=latency.AUTO_REPEATS))
     return spec.with_(round_to=step), {"chosen": step, **info}

@@ -72,8 +72,8 @@ class Measure:
     cache_dir: Path | None = None
     min_seconds: float = BENCH_MIN_SECONDS  # each probe's variants timed at least this long (bench.benchmark)
 
-    def timer(self) -> latency.Timer:
-        return latency.Timer(self.provider, self.threads)
+    def timer(self, repeats: int = latency.Timer.repeats) -> latency.Timer:
+        return latency.Timer(self.provider, self.threads, repeats)
 
     def cache(self) -> latency.TableCache:
         from deploy_prune.bench import default_threads
@@ -479,7 +479,9 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
                     f"the target {target.value:g}{unit} cannot be reached: the fastest model the planner "
                     f"allows measured {what} (every layer group at {opt('max_layer_ratio')} "
                     f"{cfg.max_layer_ratio:g} or at one step of {cfg.round_to} channels); ask for less, or "
-                    f"raise {opt('max_layer_ratio')}")
+                    f"raise {opt('max_layer_ratio')}"
+                    + (f", or lower {opt('round_to')} (a step of {cfg.round_to} keeps at least that many channels "
+                       "per layer)" if cfg.round_to > 8 else ""))
     return _Searched(allocation, states, probes, plans, _pick(target, probes))
 
 
