@@ -93,9 +93,10 @@ def _run_template(
                                                           "by several % from run to run. 0 = exactly "
                                                           "--bench-iters.")] = 0.5,  # spec.BENCH_MIN_SECONDS
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
-    round_to: Annotated[str, typer.Option(help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs "
-                                               "and tensor cores, 16 AVX-512), or auto: time one-layer models on "
-                                               "this provider and pick the step that pays.")] = "8",
+    round_to: Annotated[Optional[str], typer.Option(
+        help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs and tensor cores, 16 AVX-512), or "
+             "auto: time one-layer models on this provider and pick the step that pays. Default: auto with a "
+             "latency target, else 8.", show_default=False)] = None,
     ignore: Annotated[Optional[list[str]], typer.Option(help="Layer (qualified name, or prefix ending in '.') "
                                                              "never to prune; repeatable.")] = None,
     max_layer_ratio: Annotated[float, typer.Option(help="Never remove more than this fraction of a layer.")] = 0.9,
@@ -204,7 +205,7 @@ def run(**kw: Any) -> None:
 
 def _run_spec(kw: dict[str, Any]) -> Any:
     """Turn the parsed options of `run` into a RunSpec (every check happens in the spec's constructors)."""
-    from deploy_prune.spec import BenchSpec, ModelSource, PruneSpec, RunSpec, Target, TrainSpec
+    from deploy_prune.spec import BenchSpec, ModelSource, PruneSpec, RunSpec, Target, TrainSpec, default_round_to
 
     layer_ratios: dict[str, float] = {}
     if kw["from_sensitivity"] is not None:
@@ -222,8 +223,8 @@ def _run_spec(kw: dict[str, Any]) -> Any:
     if len(targets) + (kw["ratio"] is not None) > 1:
         raise BadInput("--ratio, --target-speedup and --target-latency exclude each other; give one of them")
     target = Target("speedup" if targets[0][0] == "speedup" else "latency_ms", targets[0][1]) if targets else None
-    round_to: int | str = kw["round_to"].strip().lower()
-    if round_to != "auto":
+    round_to: int | str = default_round_to(target) if kw["round_to"] is None else kw["round_to"].strip().lower()
+    if isinstance(round_to, str) and round_to != "auto":
         try:
             round_to = int(round_to)
         except ValueError:

@@ -122,7 +122,7 @@ def _data(data: Any, shape: tuple[int, ...], batch_size: int, seed: int) -> Any:
 
 def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1", ratio: float | None = None,
           target_speedup: float | None = None, target_latency: float | None = None, data: Any = None,
-          round_to: int | str = 8, max_layer_ratio: float = 0.9, scope: str | None = None,
+          round_to: int | str | None = None, max_layer_ratio: float = 0.9, scope: str | None = None,
           ignore: Sequence[str] = (), seed: int = 0, provider: str = "cpu", threads: int | None = None,
           batch_size: int = 64, progress: bool = False, **criterion_options: Any) -> PruneResult:
     """Remove channels from a copy of ``model``; the model you pass is not modified.
@@ -139,7 +139,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
         data: what a criterion needs data for (``apoz``'s calibration, ``slimming``'s sparsity training): a
             spec (``"mnist5k"``, ``"imagefolder:DIR"``), an object with ``.train``/``.val`` loaders, or any
             iterable of ``(inputs, labels)`` batches such as your DataLoader.
-        round_to: kept channel counts are a multiple of this (``"auto"`` measures which step pays).
+        round_to: kept channel counts are a multiple of this (``"auto"`` measures which step pays). None:
+            ``"auto"`` with a target, else 8.
         max_layer_ratio: never remove more than this fraction of one layer group.
         scope: ``"local"`` or ``"global"`` (None: the criterion's own).
         ignore: layers (qualified names, or prefixes ending in ``.``) never to prune.
@@ -162,7 +163,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
     from deploy_prune.loading import check_finite
     from deploy_prune.metrics import count_macs, count_params
     from deploy_prune.prune import prune_structured, resolve_round_to
-    from deploy_prune.spec import PruneSpec, Target, TrainSpec
+    from deploy_prune.spec import PruneSpec, Target, TrainSpec, default_round_to
     from deploy_prune.target import Measure
     from deploy_prune.train import Trainer
 
@@ -178,8 +179,9 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
                        f"choose {opt('criterion')} l1, slimming, fpgm, apoz or random, or compare tickets with the "
                        "deploy-prune run command")
     options = criteria.make_options(criterion, dict(criterion_options))
-    spec = PruneSpec(criterion=criterion, options=options, ratio=ratio,
-                     target=Target(*targets[0]) if targets else None, round_to=round_to,
+    target = Target(*targets[0]) if targets else None
+    spec = PruneSpec(criterion=criterion, options=options, ratio=ratio, target=target,
+                     round_to=default_round_to(target) if round_to is None else round_to,
                      max_layer_ratio=max_layer_ratio, scope=scope, ignore=tuple(ignore), seed=seed)
     if spec.needs_data and data is None:
         raise BadInput(f"{opt('criterion')} {criterion} needs {criteria.get(criterion).data_use}: pass {opt('data')} "

@@ -297,6 +297,17 @@ class TrainSpec:
             raise BadInput(f"{opt('bn_recalib_batches')} must be >= 0 (0 turns BatchNorm re-estimation off)")
 
 
+def default_round_to(target: Target | None) -> int | str:
+    """``round_to`` when the user gives none: ``"auto"`` with a latency target, else 8.
+
+    A target is a speed on this machine, and a width between two of the kernel's channel blocks costs the next
+    block: on an AVX-512 CPU (block 16) the digits' 3x search with steps of 8 kept 10-17% of the MACs and
+    scored 95.4 (3 seeds), with steps of 16 it kept 21-25% and scored 96.1 (docs/latency-target.md). Without
+    a target the widths are the user's ratio, and 8 keeps runs comparable across machines.
+    """
+    return "auto" if target is not None else 8
+
+
 BENCH_MIN_SECONDS = 0.5  # what `deploy-prune run` and its target search time each variant for, at least
 
 

@@ -394,7 +394,7 @@ def test_a_target_run_reports_what_it_measured(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setenv("DEPLOY_PRUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "b"
     assert _cli(["run", "builtin:mnist_resnet", "--no-finetune", "--target-speedup", "1.3", "--bench-iters", "20",
-                 "--out", str(out), "-q"]) == 0
+                 "--round-to", "8", "--out", str(out), "-q"]) == 0
     rep = json.loads((out / "report.json").read_text())
     t = rep["target"]
     assert t["kind"] == "speedup" and t["value"] == 1.3 and t["probes"]
@@ -404,6 +404,18 @@ def test_a_target_run_reports_what_it_measured(tmp_path: Path, monkeypatch) -> N
     assert rep["round_to"] == 8 and "round_to_auto" not in rep
     assert 0 < rep["ratio"] < 1  # with a target: the effective share of channels removed
     assert (tmp_path / "cache").is_dir()
+
+
+def test_round_to_defaults_to_auto_with_a_target_and_to_8_without(tmp_path: Path, monkeypatch) -> None:
+    import deploy_prune.pipeline
+
+    seen = []
+    monkeypatch.setattr(deploy_prune.pipeline, "run", lambda spec: seen.append(spec.prune.round_to))  # spec only
+    base = ["run", "builtin:mnist_cnn", "--no-finetune", "--out", str(tmp_path / "o"), "-q"]
+    for extra in (["--target-speedup", "2"], ["--target-latency", "1"], ["--ratio", "0.5"], [],
+                  ["--target-speedup", "2", "--round-to", "8"], ["--ratio", "0.5", "--round-to", "AUTO"]):
+        assert _cli(base + extra) == 0
+    assert seen == ["auto", "auto", 8, 8, 8, "auto"]
 
 
 def test_round_to_auto_on_the_cli_records_its_timings_and_prunes_in_that_step(tmp_path: Path) -> None:
