@@ -29,7 +29,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,12 +259,45 @@ class Timer:
         return self._overhead
 
     def site(self, site: Site, cin: int, cout: int) -> float:
-        shape = list(site.in_shape)
-        if site.op == "conv":
-            shape[1] = cin
-        else:
-            shape[-1] = cin
-        return max(0.0, self.raw(layer_model(site, cin, cout), tuple(shape)) - self.overhead())
+        return max(0.0, self.raw(layer_model(site, cin, cout), _in_shape(site, cin)) - self.overhead())
+
+    def widths(self, site: Site, cin: int, couts: Sequence[int], rounds: int) -> list[dict[int, float]]:
+        """``site`` at each output width in ``couts``, timed side by side: every session is made and warmed
+        first, then each round runs a block of ``repeats`` runs of each width in turn (the first two of a block
+        dropped); per round and width, the block's 25th percentile in ms, less the per-call overhead. Widths
+        timed one after another in their own sessions differ by whatever the machine did in between (on a
+        2-vCPU VM one width came out slower than the next block's); side by side, rounds see the same machine."""
+        from deploy_prune.bench import make_runner, make_session
+
+        x = np.random.default_rng(0).standard_normal(_in_shape(site, cin), dtype=np.float32)
+        runs = {w: make_runner(make_session(layer_model(site, cin, w), self.provider, self.threads), x,
+                               self.provider) for w in couts}
+        for run in runs.values():
+            for _ in range(_WARMUP):
+                run()
+        overhead = self.overhead()
+        out = []
+        for _ in range(rounds):
+            row = {}
+            for w, run in runs.items():
+                times = []
+                for i in range(self.repeats + 2):
+                    t0 = time.perf_counter_ns()
+                    run()
+                    if i >= 2:
+                        times.append((time.perf_counter_ns() - t0) / 1e6)
+                row[w] = max(0.0, float(np.percentile(times, 25)) - overhead)
+            out.append(row)
+        return out
+
+
+def _in_shape(site: Site, cin: int) -> tuple[int, ...]:
+    shape = list(site.in_shape)
+    if site.op == "conv":
+        shape[1] = cin
+    else:
+        shape[-1] = cin
+    return tuple(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,24 +499,33 @@ class _DepthwiseTable(Table):
 
 AUTO_STEPS = (8, 16, 32)
 _AUTO_BASE = 64
-AUTO_REPEATS = 50  # timed runs per one-layer timing in choose_step (the tables use _REPEATS)
+AUTO_REPEATS = 10  # timed runs per block in choose_step: short blocks, many rounds (the tables use _REPEATS)
+AUTO_MARGIN = 0.8  # a coarser block must fit the timings this much better (misfit ratio) to be chosen
+AUTO_MAX_MISFIT = 0.1  # ... and explain at least 90% of the variance of the width profile
 AUTO_MIN_MS = 0.3  # a layer faster than this is too close to per-call overhead to show the kernel's blocking
 
 
-def choose_step(latency_sites: list[Site], timer: Timer, *, top: int = 3, share: float = 0.5,
-                rounds: int = 5) -> tuple[int, dict[str, Any]]:
-    """The channel step that pays on this provider: the smallest step whose extra widths really save time.
+def choose_step(latency_sites: list[Site], timer: Timer, *, top: int = 3, rounds: int = 15
+                ) -> tuple[int, dict[str, Any]]:
+    """The channel step that pays on this provider: the channel block its kernels pad output widths to.
 
     On the ``top`` most expensive plain convs with at least 128 outputs (by their dense one-layer time), the
-    output width is set to ``64 + s`` and ``64 + 2s`` for each candidate step ``s`` in 8, 16, 32: if stopping
-    at the finer width does not save at least ``share`` of the time its channels would (1/10 of the time
-    for s = 8, 1/6 for 16, 1/4 for 32: by default halfway between no saving and that), the kernel pads the finer
-    width to the coarser block, so the finer step buys nothing but lost channels, and the next step is tried.
-    A small base width makes one block a large share of the work, so the test stands out of timing noise. The
-    steps the layers vote for are reduced to their median. Every width is timed in each of ``rounds``
-    interleaved rounds and a step is judged on the median over rounds of its fine/coarse ratio. Timed once
-    each in order, with 15 repeats, the reference conv chose 16 twice and 32 twice in four calls on one Intel
-    Xeon (AVX-512, block 16): one timing of 80 channels came out as slow as 96. The CLI times each with
+    output width is set to every multiple of 8 from 72 to 128, and the times are fitted, for each candidate
+    block B in 8, 16, 32, by ``a + b * ceil(width / B) * B`` (least squares): a kernel that pads widths to its
+    block of 16 runs 72 and 80 channels in the same time, 88 and 96 in the same time, and so on, which the
+    B = 16 staircase fits and a straight line (B = 8) or the coarser staircase does not. Starting from 8, a
+    coarser B is taken only where its misfit (1 - R²) is below :data:`AUTO_MARGIN` times the current one's and
+    at most :data:`AUTO_MAX_MISFIT`: where the timings are too noisy to show a staircase, the step stays 8,
+    the finest one, which never makes a target unreachable. Stopping at a width between two blocks would buy
+    nothing but lost channels. The layers' votes are reduced to their median. A small base width makes one
+    block a large share of the work, so the staircase stands out of timing noise.
+
+    The widths are timed side by side (:meth:`Timer.widths`: all sessions made and warmed first, then
+    ``rounds`` rounds of one block of runs per width); each round is divided by its own mean, so that a slow
+    spell of the machine scales a round instead of bending it, and the fit is made to each width's median
+    over the rounds. Earlier versions compared two widths per step (64 + s against 64 + 2s, 4% or half the
+    ideal saving): on this project's 2-vCPU Intel Xeon (AVX-512, block 16) they chose 8 or 32 in 2 to 4 of 10
+    calls, from one noisy pair; docs/latency-target.md has the fit's record. The CLI times blocks of
     :data:`AUTO_REPEATS` runs (``Measure.timer(repeats=...)``).
 
     A layer that runs in under :data:`AUTO_MIN_MS` is mostly per-call overhead, and a 5% difference in its time
@@ -504,23 +546,37 @@ def choose_step(latency_sites: list[Site], timer: Timer, *, top: int = 3, share:
                 "reference conv instead (the channel block is the kernel's)")
     votes: list[int] = []
     rows = []
-    widths = sorted({_AUTO_BASE + k * step for step in AUTO_STEPS for k in (1, 2)})
+    widths = list(range(_AUTO_BASE + AUTO_STEPS[0], 2 * _AUTO_BASE + 1, AUTO_STEPS[0]))
     for s in slow:
-        # interleaved rounds; each step is judged on the median over rounds of fine/coarse timed side by side,
-        # so that a slow spell of the machine (a VM's level moved 25% between calls) hits both widths alike
-        timed = [{w: timer.site(s, s.in_channels, w) for w in widths} for _ in range(rounds)]
-        ratios = {step: statistics.median(r[_AUTO_BASE + step] / max(r[_AUTO_BASE + 2 * step], 1e-12)
-                                          for r in timed) for step in AUTO_STEPS}
-        chosen = next((step for step in AUTO_STEPS if ratios[step] < 1 - share * step / (_AUTO_BASE + 2 * step)),
-                      AUTO_STEPS[-1])
-        row: dict[str, Any] = {"layer": s.name,
-                               "ms": {str(w): round(statistics.median(r[w] for r in timed), 4) for w in widths},
-                               "ratios": {str(k): round(v, 4) for k, v in ratios.items()}}
-        row["step"] = chosen
+        timed = timer.widths(s, s.in_channels, widths, rounds)
+        scaled = [{w: r[w] / (statistics.fmean(r.values()) or 1.0) for w in widths} for r in timed]
+        profile = [statistics.median(r[w] for r in scaled) for w in widths]
+        misfit = {b: _staircase_misfit(widths, profile, b) for b in AUTO_STEPS}
+        chosen = AUTO_STEPS[0]
+        for b in AUTO_STEPS[1:]:  # a coarser block only where it fits clearly better: noise keeps the fine step
+            if misfit[b] < AUTO_MARGIN * misfit[chosen] and misfit[b] <= AUTO_MAX_MISFIT:
+                chosen = b
+        rows.append({"layer": s.name, "step": chosen,
+                     "ms": {str(w): round(statistics.median(r[w] for r in timed), 4) for w in widths},
+                     "misfit": {str(b): round(v, 4) for b, v in misfit.items()}})
         votes.append(chosen)
-        rows.append(row)
     step = sorted(votes)[len(votes) // 2]
-    info: dict[str, Any] = {"layers": rows, "share": share, "base": _AUTO_BASE}
+    info: dict[str, Any] = {"layers": rows, "base": _AUTO_BASE, "rounds": rounds,
+                            "margin": AUTO_MARGIN, "max_misfit": AUTO_MAX_MISFIT,
+                            "method": "least-squares fit of time = a + b * ceil(width / B) * B for each B; a "
+                                      "coarser B where its misfit is below margin x the finer one's and max_misfit"}
     if note:
         info["reason"] = note
     return step, info
+
+
+def _staircase_misfit(widths: Sequence[int], ys: Sequence[float], block: int) -> float:
+    """1 - R² of the least-squares fit ``y = a + b * ceil(width / block) * block``: 0 for a perfect fit."""
+    x = np.array([math.ceil(w / block) * block for w in widths], dtype=float)
+    y = np.array(ys, dtype=float)
+    total = float(((y - y.mean()) ** 2).sum())
+    if total == 0.0:
+        return 0.0
+    a = np.vstack([np.ones_like(x), x]).T
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return float(((y - a @ coef) ** 2).sum()) / total

@@ -334,6 +334,9 @@ class StepTimer(latency.Timer):
     def site(self, site: latency.Site, cin: int, cout: int) -> float:
         return cin * math.ceil(cout / self.block) * self.block / 1000
 
+    def widths(self, site: latency.Site, cin: int, couts, rounds: int) -> list[dict[int, float]]:
+        return [{w: self.site(site, cin, w) for w in couts} for _ in range(rounds)]
+
 
 @pytest.mark.parametrize("block", [8, 16, 32])
 def test_round_to_auto_finds_the_kernels_block(block: int) -> None:
@@ -426,7 +429,8 @@ def test_round_to_auto_on_the_cli_records_its_timings_and_prunes_in_that_step(tm
     rep = json.loads((out / "report.json").read_text())
     auto = rep["round_to_auto"]
     assert rep["round_to"] == auto["chosen"] and auto["chosen"] in latency.AUTO_STEPS
-    assert set(auto["layers"][0]["ratios"]) == {str(s) for s in latency.AUTO_STEPS}
+    assert set(auto["layers"][0]["misfit"]) == {str(s) for s in latency.AUTO_STEPS}
+    assert auto["layers"][0]["misfit"][str(auto["chosen"])] == min(auto["layers"][0]["misfit"].values())
     step = auto["chosen"]
     for layer in rep["layers"]:  # pruned layers keep a multiple of the step, or all of a layer narrower than it
         after, before = layer["out_channels_after"], layer["out_channels_before"]
