@@ -281,7 +281,7 @@ def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], traine
     if spec.round_to == "auto":
         if measure is None:
             raise ValueError("round_to auto needs a Measure (provider, threads) to measure with")
-        spec, extra["round_to_auto"] = distributed.on_main(lambda: resolve_round_to(dense, spec, shape, measure, say))
+        spec, extra["round_to_auto"] = resolve_round_to(dense, spec, shape, measure, say)
     pair = PAIRINGS[criteria.get(spec.criterion).pairing](dense, spec, shape, trainer, say, measure)
     pair.report.update(extra)
     pair.report.update(trainer.report())
@@ -293,10 +293,17 @@ def prune_pair(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], traine
 
 def resolve_round_to(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], measure: Measure,
                      say: Callable[[str], None]) -> tuple[PruneSpec, dict[str, Any]]:
-    """``round_to="auto"``: the channel step the one-layer timings show pays on this provider."""
+    """``round_to="auto"``: the channel step the one-layer timings show pays on this provider.
+
+    Under torchrun rank 0 measures and broadcasts the step and its record (plain data: a spec holds
+    read-only mappings that do not pickle); every rank then makes the same spec.
+    """
     from deploy_prune import latency
 
-    say("choosing the channel step (round_to auto): timing one-layer models on this provider")
-    graph = analyze(dense, shape, ignore=spec.ignore)
-    step, info = latency.choose_step(latency.sites(graph, shape[0]), measure.timer(repeats=latency.AUTO_REPEATS))
+    def measure_step() -> tuple[int, dict[str, Any]]:
+        say("choosing the channel step (round_to auto): timing one-layer models on this provider")
+        graph = analyze(dense, shape, ignore=spec.ignore)
+        return latency.choose_step(latency.sites(graph, shape[0]), measure.timer(repeats=latency.AUTO_REPEATS))
+
+    step, info = distributed.on_main(measure_step)
     return spec.with_(round_to=step), {"chosen": step, **info}
