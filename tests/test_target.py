@@ -429,8 +429,13 @@ def test_round_to_auto_on_the_cli_records_its_timings_and_prunes_in_that_step(tm
     rep = json.loads((out / "report.json").read_text())
     auto = rep["round_to_auto"]
     assert rep["round_to"] == auto["chosen"] and auto["chosen"] in latency.AUTO_STEPS
-    assert set(auto["layers"][0]["misfit"]) == {str(s) for s in latency.AUTO_STEPS}
-    assert auto["layers"][0]["misfit"][str(auto["chosen"])] == min(auto["layers"][0]["misfit"].values())
+    for row in auto["layers"]:  # a coarser step only where its staircase fits clearly better than the finest
+        assert set(row["misfit"]) == {str(s) for s in latency.AUTO_STEPS}
+        m = {int(k): v for k, v in row["misfit"].items()}
+        assert row["step"] == 8 or (m[row["step"]] <= latency.AUTO_MAX_MISFIT
+                                    and m[row["step"]] < latency.AUTO_MARGIN * m[8])
+    steps = sorted(row["step"] for row in auto["layers"])
+    assert auto["chosen"] == steps[len(steps) // 2]
     step = auto["chosen"]
     for layer in rep["layers"]:  # pruned layers keep a multiple of the step, or all of a layer narrower than it
         after, before = layer["out_channels_after"], layer["out_channels_before"]
