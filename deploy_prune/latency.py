@@ -244,12 +244,7 @@ class Timer:
         run = make_runner(session, x, self.provider)
         for _ in range(_WARMUP):
             run()
-        times = []
-        for _ in range(self.repeats):
-            t0 = time.perf_counter_ns()
-            run()
-            times.append((time.perf_counter_ns() - t0) / 1e6)
-        return float(np.percentile(times, 25))
+        return _low_ms(run, self.repeats)
 
     def overhead(self) -> float:
         """The time of ``session.run`` on a trivial model: what every one-node timing pays on top of its op."""
@@ -280,15 +275,21 @@ class Timer:
         for _ in range(rounds):
             row = {}
             for w, run in runs.items():
-                times = []
-                for i in range(self.repeats + 2):
-                    t0 = time.perf_counter_ns()
-                    run()
-                    if i >= 2:
-                        times.append((time.perf_counter_ns() - t0) / 1e6)
-                row[w] = max(0.0, float(np.percentile(times, 25)) - overhead)
+                run()  # the first two runs after switching width refill the caches: not timed
+                run()
+                row[w] = max(0.0, _low_ms(run, self.repeats) - overhead)
             out.append(row)
         return out
+
+
+def _low_ms(run: Callable[[], Any], n: int) -> float:
+    """The 25th percentile in ms of ``n`` timed calls of ``run``: robust to other work on the machine."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        run()
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return float(np.percentile(times, 25))
 
 
 def _in_shape(site: Site, cin: int) -> tuple[int, ...]:
