@@ -591,6 +591,11 @@ def _markdown(
         lines += [
             f"| {_md_escape(name)} | {c['nodes_before']} | {c['nodes_after']} | {_op_delta(c)} |" for name, c in cleanup
         ]
+        protected = max((int(c.get("maxpools_protected") or 0) for _, c in cleanup), default=0)
+        if protected:
+            lines += ["", f"{protected} MaxPool(s) after a zero Pad lost their explicit `pads` attribute, so that "
+                      "ONNX Runtime's PadFusion does not fold the zero padding into them: MaxPool pads with "
+                      "-inf, and the fusion changes the result (docs/onnx-runtime.md)."]
 
     lines += _target_rows(report)
     lines += _schedule_rows(report)

@@ -295,6 +295,31 @@ def test_cleanup_of_exported_model_is_stable_and_in_place(exported: dict, tmp_pa
     assert parity(dst, model, [torch.randn(2, *SHAPE[1:])])["ok"]
 
 
+@pytest.mark.parametrize("pool_padding", [0, 1])
+def test_cleanup_keeps_ort_from_folding_a_zero_pad_into_maxpool(tmp_path: Path, pool_padding: int) -> None:
+    # timm's BiT stem: conv, ConstantPad2d(1, 0), MaxPool2d(3, 2). A window of negative values gives 0 with the
+    # zero padding; ONNX Runtime's PadFusion moves the padding into MaxPool, which pads with -inf.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConstantPad2d(1, 0.0),
+                          nn.MaxPool2d(3, 2, padding=pool_padding)).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    export_onnx(model, tmp_path / "raw.onnx", x)
+    result = cleanup_onnx(tmp_path / "raw.onnx", tmp_path / "clean.onnx")
+    assert result["maxpools_protected"] == 1
+    nodes = onnx.load(str(tmp_path / "clean.onnx")).graph.node
+    pool = next(n for n in nodes if n.op_type == "MaxPool")
+    attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
+    assert "pads" not in attrs and attrs["auto_pad"] == b"VALID"
+    assert [n.op_type for n in nodes].count("Pad") == 1 + pool_padding  # a -inf Pad carries the pool's own
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert (want == 0).any()  # some windows are all padding and negatives: where the fusion goes wrong
+    session = ort.InferenceSession(str(tmp_path / "clean.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]  # default optimizations, PadFusion included
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert parity(tmp_path / "clean.onnx", model, [x])["ok"]
+    assert cleanup_onnx(tmp_path / "clean.onnx", tmp_path / "again.onnx")["maxpools_protected"] == 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # parity
 
