@@ -159,7 +159,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
                   f"|gamma| < {result['settings']['near_zero']}"],
                  [[f"{h['lambda']:g}", f"{h['scaled_from']:g}" if h.get("scaled_from") else "-", h["accuracy"], h["median_gamma"], f"{h['fraction_near_zero']:.1%}"]
                   for h in result["gamma_hist"]["by_lambda"]])
-    rows = table(["lambda", "fraction pruned", "params", "pruned", "pruned + BN re-estimated", "finetuned"],
+    rows = table(["lambda", "fraction pruned", "params", "pruned (run's BN re-estimate)",
+                  "BN re-estimated on a copy", "finetuned"],
                  [[f"{r['lambda']:g}", r["fraction"], r["params"], r["accuracy_pruned"], r.get("accuracy_pruned_bn"),
                    r["accuracy_finetuned"]]
                   for r in result["rows"]])
