@@ -72,6 +72,18 @@ def _plan_config(spec: PruneSpec, ratio: float, crit: Any = None) -> PlanConfig:
                       layer_ratios=dict(spec.layer_ratios), scope=spec.scope)
 
 
+def _refuse_capped_ratio(spec: PruneSpec, crit: Any, per_step: float, limit: float) -> None:
+    """A ratio that needs more of every layer than the per-step limit allows cannot be met; say so instead of
+    pruning less than asked (a global threshold passes over capped layers, but not when every layer is capped)."""
+    assert spec.ratio is not None
+    steps = next((n for n in range(spec.steps + 1, 101) if 1 - (1 - spec.ratio) ** (1 / n) <= limit + 1e-9), None)
+    own = getattr(crit, "step_layer_cap_option", None)
+    which = opt(own) if own and limit < spec.max_layer_ratio else opt("max_layer_ratio")
+    more = f"use {opt('steps')} {steps}, or raise {which}" if steps else f"raise {which}"
+    raise BadInput(f"{opt('ratio')} {spec.ratio:g} in {spec.steps} step(s) removes {per_step:.0%} of the "
+                   f"channels per step, more than {which} {limit:g} lets one step take from any layer; {more}")
+
+
 def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], trainer: Trainer, *,
                      finetune: bool = True, measure: Measure | None = None,
                      say: Callable[[str], None] = lambda _: None) -> Pruned:
@@ -94,8 +106,10 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         graph = analyze(model, shape, ignore=spec.ignore)
         crit = criteria.create(spec.criterion, spec.options)
         ctx = criteria.ScoreContext(data=trainer.data, seed=spec.seed + step, progress=trainer.progress)
-        crit.prepare(model, graph, ctx)
         cfg = _plan_config(spec, 1 - step_keep, crit)
+        if step == 0 and spec.ratio is not None and not spec.layer_ratios and 1 - step_keep > cfg.max_layer_ratio + 1e-9:
+            _refuse_capped_ratio(spec, crit, 1 - step_keep, cfg.max_layer_ratio)
+        crit.prepare(model, graph, ctx)
         if spec.target is not None:
             assert measure is not None
             if found is None:  # measured: on rank 0 only under torchrun, the result broadcast to every rank

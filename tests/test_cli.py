@@ -47,6 +47,8 @@ BASE = ["run", "builtin:mnist_cnn", "--no-finetune", "--bench-iters", "2", "-q"]
         (BASE + ["--ratio", "1.0"], ["--ratio", "0 <= ratio < 1"]),
         (BASE + ["--ratio", "-0.1"], ["--ratio"]),
         (BASE + ["--ratio", "abc"], ["--ratio"]),
+        (BASE + ["--criterion", "slimming", "--ratio", "0.7"], ["--slimming-max-layer-ratio 0.5", "--steps 2"]),
+        (BASE + ["--ratio", "0.95"], ["--max-layer-ratio 0.9", "--steps 2"]),
         (BASE + ["--criterion", "apoz"], ["apoz", "--data"]),
         (BASE + ["--criterion", "lottery"], ["lottery", "--data"]),
         (BASE + ["--input-shape", "1x3xfoo"], ["--input-shape"]),

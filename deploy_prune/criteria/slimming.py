@@ -110,6 +110,7 @@ class SlimmingCriterion(BaseCriterion):
     scope: ClassVar[str] = "global"
     Options = SlimmingOptions
     options: SlimmingOptions
+    step_layer_cap_option: ClassVar[str] = "slimming_max_layer_ratio"
 
     @property
     def step_layer_cap(self) -> float:

@@ -10,8 +10,9 @@ Here: ``builtin:mnist_cnn`` from a fresh seeded init, gamma set to 0.5, trained 
 training (:func:`deploy_prune.train.sparsity.sparsity_training`, the official ``updateBN`` subgradient) in the
 paper's three LR phases (0.1 / 0.01 / 0.001 for 50% / 25% / 25% of the epochs), for each lambda. Then the
 ``slimming`` criterion (its own sparsity phase off: the model is already sparsity-trained) prunes at each
-fraction through the pruning stage (one global threshold; ``max_layer_ratio`` keeps 5% of every layer) and
-the product's finetuning recipe retrains it.
+fraction through the pruning stage (one global threshold in one pass, as in the paper: the product's default
+per-step cap of 50% of a layer, ``slimming_max_layer_ratio``, is lifted, and ``max_layer_ratio`` keeps 5% of
+every layer) and the product's finetuning recipe retrains it.
 
 **Scaled lambdas.** The penalty moves a gamma by about ``lambda * lr`` per step (times 1/(1 - momentum)), so
 what shapes the histogram is ``lambda * sum(lr over all steps)``. The paper's VGG run sums to 6,600
@@ -95,8 +96,11 @@ def run(ctx: Context) -> dict[str, Any]:
     for lam in s["lambdas_run"]:
         for f in s["fractions"]:
             ctx.say(f"slimming_gamma: lambda={lam:g}, pruning {f:.0%} of channels")
-            spec = PruneSpec(criterion="slimming", options=SlimmingOptions(sparsity_epochs=0), ratio=f, round_to=1,
-                             max_layer_ratio=0.95, seed=seed)
+            # the paper's one global threshold in one pass: the product's per-layer cap of 50% per step
+            # (slimming_max_layer_ratio) would make every fraction above 0.5 the same model
+            spec = PruneSpec(criterion="slimming", options=SlimmingOptions(sparsity_epochs=0,
+                                                                           slimming_max_layer_ratio=1.0),
+                             ratio=f, round_to=1, max_layer_ratio=0.95, seed=seed)
             trainer = ctx.trainer(s["finetune_epochs"], seed)
             res = prune_structured(copy.deepcopy(trained[lam]), spec, SHAPE, trainer)
             rows.append({"lambda": lam, "scaled_from": scaled.get(lam), "fraction": f, "params": res.steps[-1]["params"],
