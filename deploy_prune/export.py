@@ -358,13 +358,13 @@ def _protect_padded_maxpools(graph: Any) -> int:
             rank = len(pads) // 2 + 2
             full = np.zeros(2 * rank, dtype=np.int64)
             full[2:rank], full[rank + 2:] = pads[:rank - 2], pads[rank - 2:]
-            dtype = node.inputs[0].dtype if node.inputs[0].dtype is not None else np.float32
-            padded = gs.Variable(f"{node.name or 'maxpool'}__neg_inf_padded", dtype=node.inputs[0].dtype)
+            src = node.inputs[0]
+            name = f"{node.name or 'maxpool'}__neg_inf_pad{changed}"  # unique even for unnamed pools
+            padded = gs.Variable(f"{name}_out", dtype=src.dtype)
             graph.nodes.append(gs.Node(
-                "Pad", name=f"{node.name or 'maxpool'}__neg_inf_pad", attrs={"mode": "constant"},
-                inputs=[node.inputs[0], gs.Constant(f"{node.name or 'maxpool'}__pads", full),
-                        gs.Constant(f"{node.name or 'maxpool'}__neg_inf", np.array(-np.inf, dtype=dtype))],
-                outputs=[padded]))
+                "Pad", name=name, attrs={"mode": "constant"}, outputs=[padded],
+                inputs=[src, gs.Constant(f"{name}_pads", full),
+                        gs.Constant(f"{name}_value", np.array(-np.inf, dtype=src.dtype or np.float32))]))
             node.inputs[0] = padded
         del node.attrs["pads"]
         node.attrs["auto_pad"] = "VALID"

@@ -107,8 +107,8 @@ def prune_structured(model: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
         crit = criteria.create(spec.criterion, spec.options)
         ctx = criteria.ScoreContext(data=trainer.data, seed=spec.seed + step, progress=trainer.progress)
         cfg = _plan_config(spec, 1 - step_keep, crit)
-        if step == 0 and spec.ratio is not None and not spec.layer_ratios and 1 - step_keep > cfg.max_layer_ratio + 1e-9:
-            _refuse_capped_ratio(spec, crit, 1 - step_keep, cfg.max_layer_ratio)
+        if spec.ratio is not None and not spec.layer_ratios and cfg.ratio > cfg.max_layer_ratio + 1e-9:
+            _refuse_capped_ratio(spec, crit, cfg.ratio, cfg.max_layer_ratio)  # the same every step: raises at 0
         crit.prepare(model, graph, ctx)
         if spec.target is not None:
             assert measure is not None

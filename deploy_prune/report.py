@@ -593,9 +593,9 @@ def _markdown(
         ]
         protected = max((int(c.get("maxpools_protected") or 0) for _, c in cleanup), default=0)
         if protected:
-            lines += ["", f"{protected} MaxPool(s) after a zero Pad lost their explicit `pads` attribute, so that "
-                      "ONNX Runtime's PadFusion does not fold the zero padding into them: MaxPool pads with "
-                      "-inf, and the fusion changes the result (docs/onnx-runtime.md)."]
+            lines += ["", f"{protected} MaxPool(s) after a zero Pad were given `auto_pad=VALID`, so that ONNX "
+                      "Runtime's PadFusion does not fold the zero padding into them: MaxPool pads with -inf, "
+                      "and the fusion changes the result (docs/onnx-runtime.md)."]
 
     lines += _target_rows(report)
     lines += _schedule_rows(report)
