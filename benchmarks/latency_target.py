@@ -243,7 +243,7 @@ def main() -> None:
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
     ap.add_argument("--parts", default="targets,uniform", help="targets,uniform")
     ap.add_argument("--input-shape", default="1x3x224x224", type=lambda s: tuple(int(v) for v in s.split("x")))
-    ap.add_argument("--round-to", default="8")
+    ap.add_argument("--round-to", default="auto", help="the product's default: auto")
     ap.add_argument("--bench-iters", type=int, default=60)
     ap.add_argument("--probe-iters", type=int, default=30)
     ap.add_argument("--tp-steps", type=int, default=7)

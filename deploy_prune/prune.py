@@ -144,7 +144,7 @@ def _allocations(spec: PruneSpec, model: nn.Module, graph: Any, trainer: Trainer
     if spec.allocation != "auto":
         return (spec.allocation,), None
     if not finetune or trainer.data is None or trainer.spec.bn_recalib_batches <= 0:
-        return ("latency",), None
+        return tuple(ALLOCATIONS), None  # latency first; the others only if it misses the band (target.search)
 
     def judge(plan: PrunePlan) -> float:
         candidate = copy.deepcopy(model)

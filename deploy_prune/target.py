@@ -30,7 +30,9 @@
    (``uniform``) are searched for the same target, and the candidate that scores best after BatchNorm
    re-estimation and the classifier refit wins, as EagleEye (Li et al., ECCV 2020) picks among candidate
    sub-networks by their accuracy after adaptive BN. On a model whose time does not follow its MACs (the
-   28x28 digits CNN at 3x), uniform pruning kept far more accuracy than the MAC-weighted allocation.
+   28x28 digits CNN at 3x), uniform pruning kept far more accuracy than the MAC-weighted allocation. Without
+   data to judge by, the other allocations are fallbacks: searched only when the latency-aware trajectory has
+   no point in the middle of the band (one channel step can cross a kernel block and jump past it).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from deploy_prune.surgery.apply import prune_channels
 BAND = TARGET_BAND  # the measured speedup must land in [X, BAND * X]
 AIM = 1.05  # probes aim at the middle of the band
 MAX_PROBES = 8
+FALLBACK_PROBES = 4  # per fallback allocation (see search)
 
 
 @dataclass(frozen=True)
@@ -304,10 +307,16 @@ class Calibration:
     between probes; beyond the outermost probes it extrapolates proportionally.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, borrowed: tuple[float, float] | None = None) -> None:
         self.points: list[tuple[float, float]] = [(1.0, 1.0)]  # dense: predicted 1x, measured 1x
+        # a point measured on another trajectory: it aims the first probe, and the first own probe replaces it
+        self.borrowed = borrowed is not None
+        if borrowed is not None:
+            self.points = sorted(self.points + [borrowed])
 
     def add(self, predicted: float, measured: float) -> None:
+        if self.borrowed:
+            self.points, self.borrowed = [(1.0, 1.0)], False
         self.points = sorted([p for p in self.points if abs(p[0] - predicted) > 1e-9] + [(predicted, measured)])
 
     def __call__(self, predicted: float) -> float:
@@ -356,12 +365,18 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
     the target on its own, and the one whose chosen probe meets the target with the best ``judge`` score wins
     (EagleEye, Li et al. 2020: candidates compared after adaptive BatchNorm, before any finetuning).
 
+    Without a ``judge`` the first allocation is searched, and the others are fallbacks: each trajectory's
+    widths fall in channel steps, and one step can cross a kernel block of ONNX Runtime and jump the measured
+    speed past the whole band (ResNet-18 at 2x on a 2-core CPU: adjacent points measured 2.00x and 2.42x). So
+    when the first trajectory's best probe misses the inner band, the next allocation's trajectory, whose
+    steps fall elsewhere, is searched too (at most ``FALLBACK_PROBES`` probes each, aimed with what the first
+    search measured), until one lands in the inner band; the probe in the inner band, else in the band, else
+    meeting the target wins, the earlier allocation on ties.
+
     Raises:
         TargetUnreachable: even the trajectory's end (every group at the planner's limits) is too slow.
     """
     t0 = time.perf_counter()
-    if judge is None:
-        allocations = allocations[:1]
     with tempfile.TemporaryDirectory(prefix="deploy-prune-probe-") as tmp:
         if prober is None:
             assert measure is not None, "search() needs a Measure or a Prober"
@@ -373,11 +388,20 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
         done: list[_Searched] = []
         unreachable: list[str] = []
         for name in allocations:
-            if len(allocations) > 1:
+            borrowed = None
+            if judge is None and done:  # a fallback: only while no search has landed in the inner band
+                if any(_in_band(target, d.chosen.measured, inner=True) == 0 for d in done):
+                    break
+                near = min((p for d in done for p in d.probes), key=lambda p: _miss(target, p.measured))
+                borrowed = (near.predicted_speedup_raw, near.dense_ms / near.probe_ms)
+                say(f"the best probe so far measured {near.measured:.3g}, outside the band's middle: searching "
+                    f"the {name} allocation too ({ALLOCATIONS[name]})")
+            elif len(allocations) > 1 and judge is not None:
                 say(f"allocation {name}: {ALLOCATIONS[name]}")
             states = allocation_states(name, graph, scores, lat, cfg)
             try:
-                done.append(_search_states(model, graph, criterion, cfg, target, shape, states, prober, say, name))
+                done.append(_search_states(model, graph, criterion, cfg, target, shape, states, prober, say, name,
+                                           MAX_PROBES if borrowed is None else FALLBACK_PROBES, borrowed))
             except TargetUnreachable:
                 if not done:  # every trajectory ends at the same widths (each group at the planner's limit)
                     raise
@@ -387,9 +411,14 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
             d.score = judge(d.plans[d.chosen.index])
             say(f"allocation {d.allocation}: measured {d.chosen.measured:.3g}, score {d.score:.2f} after "
                 "BatchNorm re-estimation")
-    best = max(done, key=lambda d: (_in_band(target, d.chosen.measured) == 0,
-                                    _in_band(target, d.chosen.measured) >= 0,
-                                    d.score if d.score is not None else 0.0, -done.index(d)))
+        best = max(done, key=lambda d: (_in_band(target, d.chosen.measured) == 0,
+                                        _in_band(target, d.chosen.measured) >= 0,
+                                        d.score if d.score is not None else 0.0, -done.index(d)))
+    else:
+        best = max(done, key=lambda d: (_in_band(target, d.chosen.measured, inner=True) == 0,
+                                        _in_band(target, d.chosen.measured) == 0,
+                                        _in_band(target, d.chosen.measured) >= 0,
+                                        -_miss(target, d.chosen.measured), -done.index(d)))
     probes = [p for d in done for p in d.probes]
     errors = [abs(p.predicted_speedup_raw - p.dense_ms / p.probe_ms) / (p.dense_ms / p.probe_ms) for p in probes]
     info: dict[str, Any] = {
@@ -399,11 +428,15 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                            **prober.info()},
         "table_speedup_error_median": round(sorted(errors)[len(errors) // 2], 4),
         "search_seconds": round(time.perf_counter() - t0, 1)}
-    if len(allocations) > 1:
+    if len(done) + len(unreachable) > 1:
         info["allocation_choice"] = {
             "chosen": best.allocation,
             "judged_by": "top-1 % on 20 training batches (a second seeded order) after BatchNorm re-estimation "
-                         "and the classifier refit; in-band probes first, then those meeting the target",
+                         "and the classifier refit; in-band probes first, then those meeting the target"
+                         if judge is not None else
+                         "no data to judge by: the first allocation, and the next ones only while none had a "
+                         "probe in the band's inner half; in the inner half first, then in the band, then "
+                         "meeting the target nearest the band, the earlier allocation on ties",
             "candidates": [{"allocation": d.allocation, "measured": round(d.chosen.measured, 4),
                             "macs": d.chosen.macs, "score": None if d.score is None else round(d.score, 2),
                             "probes": len(d.probes)} for d in done]
@@ -415,13 +448,15 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
 
 def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig, target: Target,
                    shape: tuple[int, ...], states: list[State], prober: Prober, say: Callable[[str], None],
-                   allocation: str) -> _Searched:
-    """The measured bisection along one trajectory (see the module docstring)."""
+                   allocation: str, max_probes: int = MAX_PROBES,
+                   borrowed: tuple[float, float] | None = None) -> _Searched:
+    """The measured bisection along one trajectory (see the module docstring); ``borrowed`` is a (table
+    speedup, measured speedup) point from another trajectory's search that aims the first probe."""
     from deploy_prune.metrics import count_macs
 
     dense_pred = states[0].predicted_ms
     speed = [dense_pred / s.predicted_ms for s in states]  # the tables' predicted speedup, ascending
-    cal = Calibration()
+    cal = Calibration(borrowed)
     probes: list[Probe] = []
     plans: dict[int, PrunePlan] = {}
     unit = "x" if target.kind == "speedup" else " ms"
@@ -434,7 +469,7 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
         return dense / (target.value / AIM)
 
     lo, hi = (0 if target.kind == "speedup" else -1), len(states)
-    while len(probes) < MAX_PROBES and hi - lo > 1:
+    while len(probes) < max_probes and hi - lo > 1:
         i = cal.inverse(aim(), speed)
         if i <= lo or i >= hi or i in plans:
             i = (lo + hi) // 2
@@ -494,6 +529,12 @@ def _in_band(target: Target, value: float, inner: bool = False) -> int:
     if target.kind == "speedup":
         return -1 if value < lo * target.value else (1 if value > hi * target.value else 0)
     return -1 if value > target.value / lo else (1 if value < target.value / hi else 0)
+
+
+def _miss(target: Target, value: float) -> float:
+    """How far (log ratio) a measured speedup or latency lies from the band's middle."""
+    mid = AIM * target.value if target.kind == "speedup" else target.value / AIM
+    return abs(math.log(value / mid))
 
 
 def _pick(target: Target, probes: list[Probe]) -> Probe:

@@ -254,10 +254,53 @@ def test_with_a_judge_every_allocation_is_searched_and_the_best_judged_one_wins(
     tie = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
                  allocations=tuple(ALLOCATIONS), judge=lambda plan: 50.0)
     assert tie.info["allocation_choice"]["chosen"] == "latency"
-    # without a judge only the first allocation is searched
+    # without a judge only the first allocation is searched when it lands in the band's inner half
     alone = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
                    allocations=("importance", "latency"))
     assert "allocation_choice" not in alone.info and {p.allocation for p in alone.probes} == {"importance"}
+
+
+class BlockProber(FakeProber):
+    """The fake device plus a kernel block: with layer b at 58 output channels or fewer the whole model runs 15%
+    faster, so the latency-aware trajectory (which cuts b first) jumps from 1.98x to 2.40x in one step, past the
+    whole band of a 2x target; the importance and uniform trajectories never take b that low near 2x."""
+
+    def model_ms(self, model: nn.Module) -> float:
+        ms = super().model_ms(model)
+        return 0.85 * ms if model.get_submodule("b.0").out_channels <= 58 else ms
+
+
+def test_without_a_judge_a_trajectory_that_jumps_past_the_band_falls_back_to_the_next_allocation() -> None:
+    import copy
+
+    from deploy_prune.surgery import prune_channels
+    from deploy_prune.target import FALLBACK_PROBES
+
+    model, graph, crit, _ = _setup()
+    prober = BlockProber(graph)
+    prober.dense = model
+    cfg = PlanConfig(ratio=0.0, round_to=2)
+    found = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
+                   allocations=tuple(ALLOCATIONS))
+    by = {a: [p.measured for p in found.probes if p.allocation == a] for a in ALLOCATIONS}
+    # the latency-aware search bracketed the jump: nothing it measured lies in [2.0, 2.2]
+    assert by["latency"] and all(m < 2.0 or m > 2.2 for m in by["latency"])
+    assert any(m < 2.0 for m in by["latency"]) and any(m > 2.2 for m in by["latency"])
+    # the importance trajectory, searched next, landed in the band's inner half, so uniform was never tried
+    assert 1 <= len({p.index for p in found.probes if p.allocation == "importance"}) <= FALLBACK_PROBES
+    assert by["uniform"] == []
+    choice = found.info["allocation_choice"]
+    assert choice["chosen"] == "importance" and "no data" in choice["judged_by"]
+    assert [c["allocation"] for c in choice["candidates"]] == ["latency", "importance"]
+    chosen = found.probes[found.chosen]
+    assert chosen.allocation == "importance" and 2.05 <= chosen.measured <= 2.15
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, found.plan)
+    assert 2.0 <= prober.model_ms(model) / prober.model_ms(pruned) <= 2.2
+    # on the plain fake device the latency-aware search lands in the band, and nothing else is searched
+    plain = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=_setup()[3],
+                   allocations=tuple(ALLOCATIONS))
+    assert {p.allocation for p in plain.probes} == {"latency"} and "allocation_choice" not in plain.info
 
 
 def criteria_scores(graph, crit):
