@@ -75,7 +75,9 @@ def part_targets(name: str, targets: list[float], args: argparse.Namespace, work
             t.update({"achieved": tg["achieved"], "met": tg["met"], "probes": len(tg["probes"]),
                       "probe_speedups": [p["measured"] for p in tg["probes"]],
                       "predicted_uncalibrated": [p.get("table_speedup_uncalibrated") for p in tg["probes"]],
-                      "search_s": tg.get("search_seconds"), "round_to": rep.get("round_to"),
+                      "search_s": tg.get("search_seconds"), "round_to": tg.get("round_to", rep.get("round_to")),
+                      "allocation": tg.get("allocation_choice", {}).get("chosen", "latency"),
+                      "allocations_searched": len(tg.get("allocation_choice", {}).get("candidates", [])) or 1,
                       "macs_kept": st["macs"] / dn["macs"], "params_kept": st["params"] / dn["params"],
                       "macs": st["macs"], "params": st["params"], "bundle": str(out)})
         else:
@@ -200,8 +202,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, str], command: str, star
         "measured probe speedup| / measured: how far the sum of one-layer timings lands from the whole model.",
         "",
         "| model | target | achieved (final run) | met | probes | probe speedups | tables' own prediction error | "
-        "search s | run wall s | ratio-0.5 run wall s | MACs kept |",
-        "|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|",
+        "search s | run wall s | ratio-0.5 run wall s | MACs kept | step | allocation (searched) |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         base = row.get("ratio_run", {}).get("wall_s")
@@ -214,7 +216,9 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, str], command: str, star
             err = f"{100 * errs[len(errs) // 2]:.0f}%" if errs else "—"
             lines.append(f"| {row['model']} | {x}x | {t['achieved']:.2f}x | {'yes' if t['met'] else '**no**'} | "
                          f"{t['probes']} | {', '.join(f'{s:.2f}' for s in t['probe_speedups'])} | {err} | "
-                         f"{t['search_s']} | {t['wall_s']} | {base} | {100 * t['macs_kept']:.0f}% |")
+                         f"{t['search_s']} | {t['wall_s']} | {base} | {100 * t['macs_kept']:.0f}% | "
+                         f"{t.get('round_to', '—')} | {t.get('allocation', 'latency')} "
+                         f"({t.get('allocations_searched', 1)}) |")
     lines += ["", "## Latency-aware vs Torch-Pruning's uniform L1 at the same measured speed", "",
               "Our model is the target run's `model.onnx`; Torch-Pruning's ratio was bisected until its speed was "
               "within 5% of ours (each try timed dense, ours and Torch-Pruning's model in one interleaved run); "

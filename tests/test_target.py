@@ -303,6 +303,28 @@ def test_without_a_judge_a_trajectory_that_jumps_past_the_band_falls_back_to_the
     assert {p.allocation for p in plain.probes} == {"latency"} and "allocation_choice" not in plain.info
 
 
+def test_without_a_judge_the_band_then_the_macs_kept_decide_between_allocations() -> None:
+    from deploy_prune.target import Probe, _unjudged_rank
+
+    x = Target("speedup", 2.0)
+
+    def probe(measured: float, macs: int) -> Probe:
+        return Probe(0, macs, measured, measured, 10.0, 10.0 / measured, measured)
+
+    def best(*probes: Probe) -> int:
+        return max(range(len(probes)), key=lambda i: _unjudged_rank(x, probes[i], -i))
+
+    # in the band beats outside it, however many MACs the outside one keeps
+    assert best(probe(2.3, 900), probe(2.18, 500)) == 1
+    assert best(probe(1.95, 900), probe(2.18, 500)) == 1
+    # in the band: the most MACs, a probe at the band's edge (2.01x) counting 90% of its MACs
+    assert best(probe(2.01, 1000), probe(2.10, 800)) == 0  # 900 > 800: the edge probe keeps clearly more
+    assert best(probe(2.01, 1000), probe(2.10, 950)) == 1  # 900 < 950: the inner-half probe is safer
+    # outside the band: meeting the target nearest the band, then the earlier allocation
+    assert best(probe(1.9, 900), probe(2.5, 500), probe(2.3, 400)) == 2
+    assert best(probe(2.1, 700), probe(2.1, 700)) == 0
+
+
 def criteria_scores(graph, crit):
     from deploy_prune.surgery import comparable_scores
 
