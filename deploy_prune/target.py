@@ -371,9 +371,9 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
     speed past the whole band (ResNet-18 at 2x on a 2-core CPU: adjacent points measured 2.00x and 2.42x). So
     when the first trajectory's best probe misses the inner band, the next allocation's trajectory, whose
     steps fall elsewhere, is searched too (at most ``FALLBACK_PROBES`` probes each, aimed with what the first
-    search measured), until one lands in the inner band; the probe in the inner band, else in the band, else
-    meeting the target wins; in the band, the one keeping the most MACs, where a probe in the band's outer
-    quarters counts 90% of its MACs (:func:`_unjudged_rank`).
+    search measured), until one lands in the inner band. The winner is the probe in the band keeping the most
+    MACs, where a probe in the band's outer quarters counts 90% of its MACs; else the one meeting the target
+    nearest the band (:func:`_unjudged_rank`).
 
     Raises:
         TargetUnreachable: even the trajectory's end (every group at the planner's limits) is too slow.
@@ -541,19 +541,23 @@ def _unjudged_rank(target: Target, probe: Probe, order: int) -> tuple[Any, ...]:
     side = _in_band(target, probe.measured)
     if side == 0:
         inner = _in_band(target, probe.measured, inner=True) == 0
-        return (1, 1, probe.macs * (1.0 if inner else EDGE_MACS), order)
-    return (0, int(side > 0), -_miss(target, probe.measured), order)
+        return (2, probe.macs * (1.0 if inner else EDGE_MACS), order)
+    return (int(side > 0), -_miss(target, probe.measured), order)
+
+
+def _mid(target: Target) -> float:
+    """The band's middle, in the target's unit."""
+    return AIM * target.value if target.kind == "speedup" else target.value / AIM
 
 
 def _miss(target: Target, value: float) -> float:
     """How far (log ratio) a measured speedup or latency lies from the band's middle."""
-    mid = AIM * target.value if target.kind == "speedup" else target.value / AIM
-    return abs(math.log(value / mid))
+    return abs(math.log(value / _mid(target)))
 
 
 def _pick(target: Target, probes: list[Probe]) -> Probe:
     """The probe in the band nearest its middle; else the nearest one that is fast enough; else the fastest."""
-    mid = AIM * target.value if target.kind == "speedup" else target.value / AIM
+    mid = _mid(target)
     inside = [p for p in probes if _in_band(target, p.measured) == 0]
     if inside:
         return min(inside, key=lambda p: abs(p.measured - mid))
