@@ -1,7 +1,8 @@
 """Where an ONNX model's time goes, per operator type, from ONNX Runtime's own profiler (CPU provider).
 
-The latency tables of ``--target-speedup`` time each conv/linear layer alone (convs with a ReLU); whatever
-else a model runs (LayerNorm, GELU's Erf chain, residual adds, layout reorders) is not in them. This prints,
+The latency tables of ``--target-speedup`` time each conv/linear layer alone (a conv with a ReLU; a linear layer,
+since table version 2, with its bias add and the activation after it, GELU's Erf chain included); whatever else a
+model runs (LayerNorm, residual adds, layer-scale muls, layout reorders) is not in them. This prints,
 for each file, the mean kernel time per run of every operator type, so you can see how much of a pruned
 model's time the tables never saw. Example, on a target bundle::
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-TABLED = ("Conv", "MatMul", "Gemm")  # what the latency tables time (plus a ReLU after each conv)
+TABLED = ("Conv", "MatMul", "Gemm")  # the layers the latency tables time (the element-wise ops after them aside)
 
 
 def profile(path: Path, shape: tuple[int, ...], threads: int, runs: int, warmup: int) -> dict[str, float]:

@@ -5,13 +5,16 @@ The model is a lookup table per layer, measured with ONNX Runtime itself (not FL
 * Every conv and linear call of the dense model is a :class:`Site`: its op, attributes and input shape (batch
   included), and how its input and output widths depend on the channel groups the planner chooses from (a
   residual stage's convs read and write the same group; a conv after a concat reads several).
-* For each site, a one-node ONNX graph (Conv + Relu, or Gemm/MatMul) is timed on ORT at a small grid of
-  input x output widths, multiples of the channel step, with the benchmark's session options. The run-to-run
-  overhead of ``session.run`` itself (timed on a one-node model) is subtracted. Between grid points the table is
-  interpolated bilinearly (a conv's time is close to bilinear in its input and output widths).
-* A model's predicted latency is the sum over its sites. What the tables do not see (element-wise ops, pooling,
-  layout reorders, fusions) is left to the caller, which calibrates predictions against whole-model
-  measurements (:mod:`deploy_prune.target`).
+* For each site, a one-layer ONNX graph is timed on ORT at a small grid of input x output widths: a conv as
+  Conv + Relu (ONNX Runtime fuses the two); a linear layer as Gemm, or MatMul + bias Add on a 3-D or 4-D input,
+  followed by the activation the model applies to its output (GELU as the exporter writes it: Div, Erf, Add,
+  Mul, Mul, which ONNX Runtime runs unfused; ReLU; SiLU), so that an MLP's hidden width pays for its
+  element-wise work too. Widths are multiples of the channel step; sessions have the benchmark's options. The
+  run-to-run overhead of ``session.run`` itself (timed on a one-node model) is subtracted. Between grid points
+  the table is interpolated bilinearly (a conv's time is close to bilinear in its input and output widths).
+* A model's predicted latency is the sum over its sites. What the tables do not see (other element-wise ops,
+  normalisations, pooling, layout reorders, fusions) is left to the caller, which calibrates predictions
+  against whole-model measurements (:mod:`deploy_prune.target`).
 
 Tables are cached on disk, one JSON file per environment (provider, threads, ONNX Runtime version, CPU, table
 version), keyed inside by each site's configuration and width, so a second run, or another model with the same
@@ -41,7 +44,7 @@ import torch.nn as nn
 from deploy_prune.surgery.graph import DependencyGraph
 from deploy_prune.surgery.ops import CONV
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: linear layers timed with their bias Add and activation
 _GRID_FRACTIONS = (0.25, 0.5, 1.0)
 _REPEATS = 15
 _WARMUP = 3
@@ -67,6 +70,8 @@ class Site:
         in_fixed, in_counts: input width = ``in_fixed + sum(count * kept fraction of group g)``.
         out_fixed, out_counts: likewise for the output width.
         calls: how many times the forward calls the module.
+        act: the activation applied to a linear layer's output (``"gelu"``, ``"relu"``, ``"silu"``, or ``""``),
+            timed with it.
     """
 
     name: str
@@ -85,6 +90,7 @@ class Site:
     out_fixed: int = 0
     out_counts: tuple[tuple[int, int], ...] = ()
     calls: int = 1
+    act: str = ""
 
     @property
     def in_channels(self) -> int:
@@ -94,7 +100,7 @@ class Site:
         """What the measured time depends on, besides the widths (the cache key)."""
         return (f"{self.op}|in={'x'.join(map(str, self.in_shape))}|out={self.out_channels}|k={self.kernel}"
                 f"|s={self.stride}|p={self.padding}|d={self.dilation}|g={self.groups}|dw={int(self.depthwise)}"
-                f"|b={int(self.bias)}")
+                f"|b={int(self.bias)}|a={self.act}")
 
     def groups_touched(self) -> set[int]:
         return {g for g, _ in self.in_counts} | {g for g, _ in self.out_counts}
@@ -139,6 +145,25 @@ def _counts(roots: Iterable[int], group_of: Mapping[int, int]) -> tuple[int, tup
     return fixed, tuple(sorted(per.items()))
 
 
+_ACTS: tuple[tuple[type[nn.Module], str], ...] = ((nn.GELU, "gelu"), (nn.ReLU, "relu"), (nn.SiLU, "silu"))
+_ACT_FUNCTIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+def _activation(node: fx.Node, model: nn.Module) -> str:
+    """The activation that alone consumes ``node``'s output (an exact-erf GELU, ReLU or SiLU), else ``""``."""
+    if len(node.users) != 1:
+        return ""
+    user = next(iter(node.users))
+    if user.op == "call_module":
+        m = model.get_submodule(str(user.target))
+        if isinstance(m, nn.GELU) and m.approximate != "none":
+            return ""
+        return next((name for cls, name in _ACTS if isinstance(m, cls)), "")
+    if user.op in ("call_function", "call_method") and len(user.args) == 1 and not user.kwargs:
+        return _ACT_FUNCTIONS.get(getattr(user.target, "__name__", str(user.target)), "")
+    return ""
+
+
 def sites(graph: DependencyGraph, batch: int) -> list[Site]:
     """The conv/linear calls of the analysed model at ``batch``, with their dependence on the groups."""
     group_of = {ch.root: g.id for g in graph.groups for ch in g.channels}
@@ -177,16 +202,17 @@ def sites(graph: DependencyGraph, batch: int) -> list[Site]:
                             stride=tuple(m.stride), padding=tuple(pad), dilation=tuple(m.dilation), groups=m.groups,
                             depthwise=dw, **common))
         else:
-            out.append(Site(op="linear", out_channels=m.out_features, **common))
+            out.append(Site(op="linear", out_channels=m.out_features, act=_activation(nodes[0], graph.model),
+                            **common))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# one-node models
+# one-layer models
 
 
 def layer_model(site: Site, cin: int, cout: int) -> bytes:
-    """A one-node ONNX model of ``site`` at input width ``cin`` and output width ``cout``."""
+    """A one-layer ONNX model of ``site`` at input width ``cin`` and output width ``cout``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -212,11 +238,16 @@ def layer_model(site: Site, cin: int, cout: int) -> bytes:
         shape[-1] = cin
         w = rng.standard_normal((cin, cout), dtype=np.float32) * 0.05
         inits.append(numpy_helper.from_array(w, "w"))
+        if site.bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(cout, dtype=np.float32) * 0.05, "b"))
+        lin = "l" if site.act else "y"
         if len(shape) == 2:
-            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
-            nodes = [helper.make_node("Gemm", ["x", "w", "b"] if site.bias else ["x", "w"], ["y"])]
+            nodes = [helper.make_node("Gemm", ["x", "w", "b"] if site.bias else ["x", "w"], [lin])]
+        elif site.bias:  # the exporter writes a linear layer on a 3-D or 4-D input as MatMul, then Add
+            nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], [lin])]
         else:
-            nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+            nodes = [helper.make_node("MatMul", ["x", "w"], [lin])]
+        nodes += _activation_nodes(site.act, lin, "y", inits)
         out_shape = None
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
@@ -224,6 +255,23 @@ def layer_model(site: Site, cin: int, cout: int) -> bytes:
     # IR 10: onnx 1.23 stamps IR 14, which ONNX Runtime 1.31 rejects (docs/onnx-runtime.md §1)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     return model.SerializeToString()
+
+
+def _activation_nodes(act: str, x: str, y: str, inits: list[Any]) -> list[Any]:
+    """ONNX nodes computing ``y = act(x)`` as torch.onnx.export (opset 18) writes them (none for ``""``)."""
+    from onnx import helper, numpy_helper
+
+    if act == "relu":
+        return [helper.make_node("Relu", [x], [y])]
+    if act == "silu":
+        return [helper.make_node("Sigmoid", [x], ["sig"]), helper.make_node("Mul", [x, "sig"], [y])]
+    if act == "gelu":  # x * 0.5 * (1 + erf(x / sqrt(2)))
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n)
+                  for n, v in (("sqrt2", math.sqrt(2.0)), ("one", 1.0), ("half", 0.5))]
+        return [helper.make_node("Div", [x, "sqrt2"], ["g0"]), helper.make_node("Erf", ["g0"], ["g1"]),
+                helper.make_node("Add", ["g1", "one"], ["g2"]), helper.make_node("Mul", ["half", "g2"], ["g3"]),
+                helper.make_node("Mul", [x, "g3"], [y])]
+    return []
 
 
 @dataclass

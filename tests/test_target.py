@@ -7,6 +7,7 @@ models, asserting only on what does not depend on speed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -387,6 +388,43 @@ def test_sites_know_which_groups_set_their_widths() -> None:
     assert sites["b.0"].in_counts == ((stream.id, 64),) and sites["b.0"].out_counts == ((gid["b.0"], 128),)
     assert sites["fc"].out_fixed == 10 and not sites["fc"].out_counts  # the classifier keeps its classes
     assert sites["a.0"].macs() == 4 * 16 * 16 * 64 * 64 * 9
+
+
+class Mlp(nn.Module):
+    """A transformer-style MLP on tokens: fc1 -> GELU -> fc2, then a ReLU-ed head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return torch.relu(self.head(self.fc2(self.act(self.fc1(x))).mean(1)))
+
+
+def test_a_linear_layer_is_timed_with_its_bias_and_the_activation_that_follows() -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    graph = analyze(Mlp().eval(), (1, 10, 16))
+    sites = {s.name: s for s in latency.sites(graph, 2)}
+    assert (sites["fc1"].act, sites["fc2"].act, sites["head"].act) == ("gelu", "", "relu")
+    assert sites["fc1"].config() != dataclasses.replace(sites["fc1"], act="").config()  # its own cache entry
+    for name, ops in (("fc1", ["MatMul", "Add", "Div", "Erf", "Add", "Mul", "Mul"]), ("fc2", ["MatMul", "Add"]),
+                      ("head", ["Gemm", "Relu"])):
+        site = sites[name]
+        cin, cout = site.in_channels // 2, site.out_channels // 2
+        model = latency.layer_model(site, cin, cout)
+        assert [n.op_type for n in onnx.load_from_string(model).graph.node] == ops
+        inits = onnx.load_from_string(model).graph.initializer
+        w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in inits}
+        x = np.random.default_rng(0).standard_normal((2, 10, cin) if name != "head" else (2, cin), dtype=np.float32)
+        got = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        want = torch.from_numpy(x) @ w["w"] + w["b"]  # the exact activation the model applies, from torch
+        want = {"gelu": nn.functional.gelu, "relu": torch.relu, "": lambda t: t}[site.act](want)
+        assert got.shape == tuple(want.shape) and np.allclose(got, want.numpy(), atol=1e-5)
 
 
 class StepTimer(latency.Timer):
