@@ -13,6 +13,9 @@ subprocess, read back from its ``report.json``. Parts (``--parts``):
   run's ``dense.onnx`` and ``model.onnx``) is within 5% of ours, then given exactly the same finetuning as the
   CLI gives its structured model: BatchNorm re-estimation, then ``--epochs`` of the default recipe
   (``deploy_prune.train.Trainer`` with the default ``TrainSpec``, the dense model as teacher, the run's seed).
+  With ``--tp-plain``, the same pruned model is also finetuned for the same epochs the way a plain training
+  loop does (cross-entropy, Adam, constant lr, no distillation, no BatchNorm re-estimation: ``PLAIN_SPEC``,
+  the CLI's ``old`` recipe), since Torch-Pruning ships no finetuning of its own.
 * ``alloc``: ``--target-speedup 3`` with each ``--allocation`` (latency, importance, uniform, auto), per seed.
 * ``grid``: every ``--grid-criteria`` at every ``--grid-speeds`` target, with the default recipe, without
   BatchNorm re-estimation (``--bn-recalib-batches 0``) and without distillation (``--no-distill``), per seed;
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -54,6 +58,9 @@ DEPLOY_PRUNE = [sys.executable, "-m", "deploy_prune"]
 BASE = ["run", "builtin:mnist_cnn", "--data", "mnist5k", "-q", "--force"]
 OLD_RECIPE = ["--no-distill", "--bn-recalib-batches", "0", "--optimizer", "adam", "--weight-decay", "0",
               "--lr-schedule", "constant", "--warmup-epochs", "0"]
+# the same recipe as TrainSpec keywords, for Torch-Pruning's model (a plain finetuning loop, as its examples write)
+PLAIN_SPEC = {"distill": False, "bn_recalib_batches": 0, "head_refit": False, "optimizer": "adam", "weight_decay": 0.0,
+              "lr_schedule": "constant", "warmup_epochs": 0.0}
 LOCK = "/tmp/deploy-prune-bench.lock"
 ALLOCATIONS = ("latency", "importance", "uniform", "auto")
 RECIPES = {"default": [], "no_bn": ["--bn-recalib-batches", "0"], "no_distill": ["--no-distill"]}
@@ -169,13 +176,19 @@ def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, A
     final = speeds({"ours": bundle / "model.onnx", "tp": path}, args.bench_iters)
     dense = load_model("builtin:mnist_cnn").model.eval()
     data = load_data("mnist5k", batch_size=64, seed=seed)  # as the CLI loads it for --seed
+    plain_model = copy.deepcopy(model)
     trainer = Trainer(data, TrainSpec(), seed, False, teacher=dense)
     trainer.recalibrate(model, "torch-pruning")
     before = trainer.accuracy(model)
     trainer.finetune(model, "finetune torch-pruning")
-    return {"ratio": found, "tries": tries, "speedup_tp": round(final["tp"], 3), "speedup_ours": round(final["ours"], 3),
-            "macs_kept": round(count_macs(model, shape) / count_macs(dense, shape), 4), "before_ft": before,
-            "accuracy": trainer.accuracy(model)}
+    out = {"ratio": found, "tries": tries, "speedup_tp": round(final["tp"], 3), "speedup_ours": round(final["ours"], 3),
+           "macs_kept": round(count_macs(model, shape) / count_macs(dense, shape), 4), "before_ft": before,
+           "accuracy": trainer.accuracy(model)}
+    if args.tp_plain:  # the same model and epochs, finetuned as a plain training loop would: cross-entropy, Adam
+        plain = Trainer(data, TrainSpec(**PLAIN_SPEC), seed, False)
+        plain.finetune(plain_model, "finetune torch-pruning, plain")
+        out["accuracy_plain"] = plain.accuracy(plain_model)
+    return out
 
 
 QUICK = [  # (label, PruneSpec keywords, TrainSpec keywords; "old" = the pre-recipe finetuning)
@@ -262,6 +275,9 @@ def table(res: dict[str, Any]) -> str:
         rows.append(f"| Torch-Pruning uniform L1 at the same measured speed, same finetuning | {fmt([s.get('accuracy') for s in tp.values()])}; "
                     f"speedup TP {fmt([s.get('speedup_tp') for s in tp.values()])}x vs ours "
                     f"{fmt([s.get('speedup_ours') for s in tp.values()])}x (same interleaved run) | ours higher |")
+        if any("accuracy_plain" in s for s in tp.values()):
+            rows.append(f"| the same Torch-Pruning models, plain finetuning (cross-entropy, Adam, same epochs) | "
+                        f"{fmt([s.get('accuracy_plain') for s in tp.values()])} | ours higher |")
     for name in ALLOCATIONS:
         if res.get(f"alloc_{name}"):
             rows.append(f"| --target-speedup 3 --allocation {name} | "
@@ -292,6 +308,9 @@ def main() -> None:
     ap.add_argument("--bench-iters", type=int, default=50)
     ap.add_argument("--probe-iters", type=int, default=30)
     ap.add_argument("--tp-steps", type=int, default=7)
+    ap.add_argument("--tp-plain", action="store_true",
+                    help="also finetune Torch-Pruning's model with the plain recipe (--no-distill, no BatchNorm "
+                         "re-estimation, Adam, constant lr), the same epochs")
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--threads", type=int, default=None,
                     help="ONNX Runtime intra-op threads for the target runs and Torch-Pruning's timings (default: "
