@@ -403,7 +403,8 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
             states = allocation_states(name, graph, scores, lat, cfg)
             try:
                 done.append(_search_states(model, graph, criterion, cfg, target, shape, states, prober, say, name,
-                                           MAX_PROBES if borrowed is None else FALLBACK_PROBES, borrowed))
+                                           MAX_PROBES if borrowed is None else FALLBACK_PROBES, borrowed,
+                                           sum(len(d.probes) for d in done)))
             except TargetUnreachable:
                 if not done:  # every trajectory ends at the same widths (each group at the planner's limit)
                     raise
@@ -449,9 +450,10 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
 def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig, target: Target,
                    shape: tuple[int, ...], states: list[State], prober: Prober, say: Callable[[str], None],
                    allocation: str, max_probes: int = MAX_PROBES,
-                   borrowed: tuple[float, float] | None = None) -> _Searched:
+                   borrowed: tuple[float, float] | None = None, first: int = 0) -> _Searched:
     """The measured bisection along one trajectory (see the module docstring); ``borrowed`` is a (table
-    speedup, measured speedup) point from another trajectory's search that aims the first probe."""
+    speedup, measured speedup) point from another trajectory's search that aims the first probe; ``first`` is
+    how many probes earlier allocations measured (progress lines number probes as the report does)."""
     from deploy_prune.metrics import count_macs
 
     dense_pred = states[0].predicted_ms
@@ -485,7 +487,7 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
         else:
             pred, meas = dense_ms / predicted_speedup, probe_ms
         probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i], allocation))
-        say(f"probe {len(probes)}: predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
+        say(f"probe {first + len(probes)} ({allocation}): predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
             f"(target {target.value:g}{unit})")
         side = _in_band(target, meas)
         if side == 0 and _in_band(target, meas, inner=True) == 0:
@@ -499,7 +501,7 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             probes[-1] = dataclasses.replace(probes[-1], measured=meas, repeats=both,
                                              dense_ms=(dense_ms * dense2) ** 0.5,
                                              probe_ms=(probe_ms * probe2) ** 0.5)
-            say(f"probe {len(probes)} timed again: {meas2:.3g}{unit}; mean {meas:.3g}{unit}")
+            say(f"probe {first + len(probes)} timed again: {meas2:.3g}{unit}; mean {meas:.3g}{unit}")
             side = _in_band(target, meas)
             if side == 0 and _in_band(target, meas, inner=True) == 0:
                 break

@@ -281,9 +281,13 @@ def test_without_a_judge_a_trajectory_that_jumps_past_the_band_falls_back_to_the
     prober = BlockProber(graph)
     prober.dense = model
     cfg = PlanConfig(ratio=0.0, round_to=2)
+    lines: list[str] = []
     found = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
-                   allocations=tuple(ALLOCATIONS))
+                   allocations=tuple(ALLOCATIONS), say=lines.append)
     by = {a: [p.measured for p in found.probes if p.allocation == a] for a in ALLOCATIONS}
+    # progress lines number the probes across allocations as the report lists them
+    numbered = [ln.split(":")[0] for ln in lines if ln.startswith("probe ") and "timed again" not in ln]
+    assert numbered == [f"probe {n} ({p.allocation})" for n, p in enumerate(found.probes, 1)]
     # the latency-aware search bracketed the jump: nothing it measured lies in [2.0, 2.2]
     assert by["latency"] and all(m < 2.0 or m > 2.2 for m in by["latency"])
     assert any(m < 2.0 for m in by["latency"]) and any(m > 2.2 for m in by["latency"])
