@@ -6,10 +6,11 @@ The model is a lookup table per layer, measured with ONNX Runtime itself (not FL
   included), and how its input and output widths depend on the channel groups the planner chooses from (a
   residual stage's convs read and write the same group; a conv after a concat reads several).
 * For each site, a one-layer ONNX graph is timed on ORT at a small grid of input x output widths: a conv as
-  Conv + Relu (ONNX Runtime fuses the two); a linear layer as Gemm, or MatMul + bias Add on a 3-D or 4-D input,
-  followed by the activation the model applies to its output (GELU as the exporter writes it: Div, Erf, Add,
-  Mul, Mul, which ONNX Runtime runs unfused; ReLU; SiLU), so that an MLP's hidden width pays for its
-  element-wise work too. Widths are multiples of the channel step; sessions have the benchmark's options. The
+  Conv + Relu (ONNX Runtime fuses the two: the Relu stands for a ReLU, a ReLU6 or none), or, where the conv
+  (through its BatchNorm) feeds a SiLU or GELU, which ONNX Runtime does not fuse, as Conv + that activation; a
+  linear layer as Gemm, or MatMul + bias Add on a 3-D or 4-D input, followed by the activation the model
+  applies to its output (GELU as the exporter writes it: Div, Erf, Add, Mul, Mul; ReLU; SiLU as Sigmoid, Mul),
+  so that a width pays for its element-wise work too. Widths are multiples of the channel step; sessions have the benchmark's options. The
   run-to-run overhead of ``session.run`` itself (timed on a one-node model) is subtracted. Between grid points
   the table is interpolated bilinearly (a conv's time is close to bilinear in its input and output widths).
 * A model's predicted latency is the sum over its sites. What the tables do not see (other element-wise ops,
@@ -44,7 +45,7 @@ import torch.nn as nn
 from deploy_prune.surgery.graph import DependencyGraph
 from deploy_prune.surgery.ops import CONV
 
-TABLE_VERSION = 2  # 2: linear layers timed with their bias Add and activation
+TABLE_VERSION = 2  # 2: layers timed with the activation after them (and a linear layer's bias Add)
 _GRID_FRACTIONS = (0.25, 0.5, 1.0)
 _REPEATS = 15
 _WARMUP = 3
@@ -70,8 +71,9 @@ class Site:
         in_fixed, in_counts: input width = ``in_fixed + sum(count * kept fraction of group g)``.
         out_fixed, out_counts: likewise for the output width.
         calls: how many times the forward calls the module.
-        act: the activation applied to a linear layer's output (``"gelu"``, ``"relu"``, ``"silu"``, or ``""``),
-            timed with it.
+        act: the activation applied to the layer's output, timed with it: for a linear layer ``"gelu"``,
+            ``"relu"``, ``"silu"`` or ``""``; for a conv (through its BatchNorm) ``"gelu"`` or ``"silu"``, which
+            ONNX Runtime does not fuse into the conv, else ``""`` (timed as a fused ReLU).
     """
 
     name: str
@@ -147,19 +149,24 @@ def _counts(roots: Iterable[int], group_of: Mapping[int, int]) -> tuple[int, tup
 
 _ACTS: tuple[tuple[type[nn.Module], str], ...] = ((nn.GELU, "gelu"), (nn.ReLU, "relu"), (nn.SiLU, "silu"))
 _ACT_FUNCTIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu"}
+_UNFUSED = ("gelu", "silu")  # activations ONNX Runtime does not fuse into a conv: a conv's site times them
 
 
-def _activation(node: fx.Node, model: nn.Module) -> str:
-    """The activation that alone consumes ``node``'s output (an exact-erf GELU, ReLU or SiLU), else ``""``."""
+def _activation(node: fx.Node, model: nn.Module, through_bn: bool = False) -> str:
+    """The activation that alone consumes ``node``'s output (an exact-erf GELU, ReLU or SiLU), else ``""``;
+    ``through_bn``: a BatchNorm between the two (folded into a conv by the exporter) is looked through."""
     if len(node.users) != 1:
         return ""
     user = next(iter(node.users))
     if user.op == "call_module":
         m = model.get_submodule(str(user.target))
+        if through_bn and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return _activation(user, model)
         if isinstance(m, nn.GELU) and m.approximate != "none":
             return ""
         return next((name for cls, name in _ACTS if isinstance(m, cls)), "")
-    if user.op in ("call_function", "call_method") and len(user.args) == 1 and not user.kwargs:
+    if user.op in ("call_function", "call_method") and len(user.args) == 1 \
+            and user.kwargs.get("approximate", "none") == "none":
         return _ACT_FUNCTIONS.get(getattr(user.target, "__name__", str(user.target)), "")
     return ""
 
@@ -198,9 +205,10 @@ def sites(graph: DependencyGraph, batch: int) -> list[Site]:
             pad = m.padding if not isinstance(m.padding, str) else tuple(
                 (d * (k - 1)) // 2 if m.padding == "same" else 0 for k, d in zip(m.kernel_size, m.dilation))
             dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
+            act = _activation(nodes[0], graph.model, through_bn=True)
             out.append(Site(op="conv", out_channels=m.out_channels, kernel=tuple(m.kernel_size),
                             stride=tuple(m.stride), padding=tuple(pad), dilation=tuple(m.dilation), groups=m.groups,
-                            depthwise=dw, **common))
+                            depthwise=dw, act=act if act in _UNFUSED else "", **common))
         else:
             out.append(Site(op="linear", out_channels=m.out_features, act=_activation(nodes[0], graph.model),
                             **common))
@@ -231,8 +239,9 @@ def layer_model(site: Site, cin: int, cout: int) -> bytes:
             inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
             ins.append("b")
         nodes = [helper.make_node("Conv", ins, ["c"], kernel_shape=list(site.kernel), strides=list(site.stride),
-                                  pads=list(site.padding) * 2, dilations=list(site.dilation), group=groups),
-                 helper.make_node("Relu", ["c"], ["y"])]
+                                  pads=list(site.padding) * 2, dilations=list(site.dilation), group=groups)]
+        # a ReLU (or ReLU6, or nothing) fuses into the conv's kernel: one Relu stands for all three
+        nodes += _activation_nodes(site.act if site.act in _UNFUSED else "relu", "c", "y", inits)
         out_shape = None
     else:
         shape[-1] = cin

@@ -431,6 +431,34 @@ def test_a_linear_layer_is_timed_with_its_bias_and_the_activation_that_follows()
         assert got.shape == tuple(want.shape) and np.allclose(got, want.numpy(), atol=1e-5)
 
 
+def test_a_conv_is_timed_with_an_activation_onnx_runtime_does_not_fuse_into_it() -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.GELU(), nn.Conv2d(8, 8, 1)).eval()
+    sites = {s.name: s for s in latency.sites(analyze(model, (1, 3, 8, 8)), 1)}
+    # through the BatchNorm: SiLU and GELU are timed; a ReLU fuses into the conv, and no activation is timed
+    # the same way (one fused Relu stands for both)
+    assert [sites[n].act for n in ("0", "3", "6", "8")] == ["silu", "", "gelu", ""]
+    ops = {"0": ["Conv", "Sigmoid", "Mul"], "3": ["Conv", "Relu"], "6": ["Conv", "Div", "Erf", "Add", "Mul", "Mul"],
+           "8": ["Conv", "Relu"]}
+    acts = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "": torch.relu}
+    for name, want_ops in ops.items():
+        site = sites[name]
+        layer = latency.layer_model(site, site.in_channels, site.out_channels)
+        graph = onnx.load_from_string(layer).graph
+        assert [n.op_type for n in graph.node] == want_ops
+        w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+        x = np.random.default_rng(0).standard_normal(site.in_shape, dtype=np.float32)
+        got = ort.InferenceSession(layer, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        want = acts[site.act](nn.functional.conv2d(torch.from_numpy(x), w["w"], w.get("b"), padding=site.padding))
+        assert np.allclose(got, want.numpy(), atol=1e-4)
+
+
 class StepTimer(latency.Timer):
     """A kernel that pads output channels to a block: time is the padded width (no ONNX Runtime involved)."""
 
