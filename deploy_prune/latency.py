@@ -10,9 +10,10 @@ The model is a lookup table per layer, measured with ONNX Runtime itself (not FL
   (through its BatchNorm) feeds a SiLU or GELU, which ONNX Runtime does not fuse, as Conv + that activation; a
   linear layer as Gemm, or MatMul + bias Add on a 3-D or 4-D input, followed by the activation the model
   applies to its output (GELU as the exporter writes it: Div, Erf, Add, Mul, Mul; ReLU; SiLU as Sigmoid, Mul),
-  so that a width pays for its element-wise work too. Widths are multiples of the channel step; sessions have the benchmark's options. The
-  run-to-run overhead of ``session.run`` itself (timed on a one-node model) is subtracted. Between grid points
-  the table is interpolated bilinearly (a conv's time is close to bilinear in its input and output widths).
+  so that a width pays for its element-wise work too. Widths are multiples of the channel step; sessions have
+  the benchmark's options. The run-to-run overhead of ``session.run`` itself (timed on a one-node model) is
+  subtracted. Between grid points the table is interpolated bilinearly (a conv's time is close to bilinear in
+  its input and output widths).
 * A model's predicted latency is the sum over its sites. What the tables do not see (other element-wise ops,
   normalisations, pooling, layout reorders, fusions) is left to the caller, which calibrates predictions
   against whole-model measurements (:mod:`deploy_prune.target`).
@@ -285,7 +286,7 @@ def _activation_nodes(act: str, x: str, y: str, inits: list[Any]) -> list[Any]:
 
 @dataclass
 class Timer:
-    """Times one-node models on ONNX Runtime with the benchmark's session options."""
+    """Times one-layer models on ONNX Runtime with the benchmark's session options."""
 
     provider: str
     threads: int | None = None
