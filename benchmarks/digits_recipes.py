@@ -14,8 +14,8 @@ subprocess, read back from its ``report.json``. Parts (``--parts``):
   CLI gives its structured model: BatchNorm re-estimation, then ``--epochs`` of the default recipe
   (``deploy_prune.train.Trainer`` with the default ``TrainSpec``, the dense model as teacher, the run's seed).
   With ``--tp-plain``, the same pruned model is also finetuned for the same epochs the way a plain training
-  loop does (cross-entropy, Adam, constant lr, no distillation, no BatchNorm re-estimation: ``PLAIN_SPEC``,
-  the CLI's ``old`` recipe), since Torch-Pruning ships no finetuning of its own.
+  loop does (cross-entropy, Adam, constant lr, no distillation, no BatchNorm re-estimation: ``OLD_TRAIN``,
+  the ``old`` recipe), since Torch-Pruning ships no finetuning of its own.
 * ``alloc``: ``--target-speedup 3`` with each ``--allocation`` (latency, importance, uniform, auto), per seed.
 * ``grid``: every ``--grid-criteria`` at every ``--grid-speeds`` target, with the default recipe, without
   BatchNorm re-estimation (``--bn-recalib-batches 0``) and without distillation (``--no-distill``), per seed;
@@ -58,9 +58,6 @@ DEPLOY_PRUNE = [sys.executable, "-m", "deploy_prune"]
 BASE = ["run", "builtin:mnist_cnn", "--data", "mnist5k", "-q", "--force"]
 OLD_RECIPE = ["--no-distill", "--bn-recalib-batches", "0", "--optimizer", "adam", "--weight-decay", "0",
               "--lr-schedule", "constant", "--warmup-epochs", "0"]
-# the same recipe as TrainSpec keywords, for Torch-Pruning's model (a plain finetuning loop, as its examples write)
-PLAIN_SPEC = {"distill": False, "bn_recalib_batches": 0, "head_refit": False, "optimizer": "adam", "weight_decay": 0.0,
-              "lr_schedule": "constant", "warmup_epochs": 0.0}
 LOCK = "/tmp/deploy-prune-bench.lock"
 ALLOCATIONS = ("latency", "importance", "uniform", "auto")
 RECIPES = {"default": [], "no_bn": ["--bn-recalib-batches", "0"], "no_distill": ["--no-distill"]}
@@ -185,7 +182,7 @@ def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, A
            "macs_kept": round(count_macs(model, shape) / count_macs(dense, shape), 4), "before_ft": before,
            "accuracy": trainer.accuracy(model)}
     if args.tp_plain:  # the same model and epochs, finetuned as a plain training loop would: cross-entropy, Adam
-        plain = Trainer(data, TrainSpec(**PLAIN_SPEC), seed, False)
+        plain = Trainer(data, TrainSpec(**OLD_TRAIN), seed, False)  # no teacher: no distillation, no head refit
         plain.finetune(plain_model, "finetune torch-pruning, plain")
         out["accuracy_plain"] = plain.accuracy(plain_model)
     return out
@@ -213,8 +210,6 @@ OLD_TRAIN = {"optimizer": "adam", "weight_decay": 0.0, "lr_schedule": "constant"
 def quick(seed: int) -> dict[str, Any]:
     """The recipe's ablations through the library's pruning stage (the code path `run` takes, without the
     export, the unstructured twin and the benchmark): prune_structured + Trainer, one seed."""
-    import copy
-
     from deploy_prune.criteria.slimming import SlimmingOptions
     from deploy_prune.data import load_data
     from deploy_prune.loading import load_model

@@ -149,7 +149,6 @@ def _counts(roots: Iterable[int], group_of: Mapping[int, int]) -> tuple[int, tup
 
 
 _ACTS: tuple[tuple[type[nn.Module], str], ...] = ((nn.GELU, "gelu"), (nn.ReLU, "relu"), (nn.SiLU, "silu"))
-_ACT_FUNCTIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu"}
 _UNFUSED = ("gelu", "silu")  # activations ONNX Runtime does not fuse into a conv: a conv's site times them
 
 
@@ -168,7 +167,8 @@ def _activation(node: fx.Node, model: nn.Module, through_bn: bool = False) -> st
         return next((name for cls, name in _ACTS if isinstance(m, cls)), "")
     if user.op in ("call_function", "call_method") and len(user.args) == 1 \
             and user.kwargs.get("approximate", "none") == "none":
-        return _ACT_FUNCTIONS.get(getattr(user.target, "__name__", str(user.target)), "")
+        name = getattr(user.target, "__name__", str(user.target))
+        return name if name in {n for _, n in _ACTS} else ""
     return ""
 
 
@@ -242,7 +242,7 @@ def layer_model(site: Site, cin: int, cout: int) -> bytes:
         nodes = [helper.make_node("Conv", ins, ["c"], kernel_shape=list(site.kernel), strides=list(site.stride),
                                   pads=list(site.padding) * 2, dilations=list(site.dilation), group=groups)]
         # a ReLU (or ReLU6, or nothing) fuses into the conv's kernel: one Relu stands for all three
-        nodes += _activation_nodes(site.act if site.act in _UNFUSED else "relu", "c", "y", inits)
+        nodes += _activation_nodes(site.act or "relu", "c", "y", inits)
         out_shape = None
     else:
         shape[-1] = cin

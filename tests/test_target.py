@@ -406,26 +406,33 @@ class Mlp(nn.Module):
         return torch.relu(self.head(self.fc2(self.act(self.fc1(x))).mean(1)))
 
 
-def test_a_linear_layer_is_timed_with_its_bias_and_the_activation_that_follows() -> None:
-    import numpy as np
+def _run_layer(site: latency.Site, cin: int, cout: int, x):
+    """``latency.layer_model`` of ``site`` run on ONNX Runtime: (its op types, its weights, its output on x)."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
+
+    layer = latency.layer_model(site, cin, cout)
+    graph = onnx.load_from_string(layer).graph
+    w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    got = ort.InferenceSession(layer, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return [n.op_type for n in graph.node], w, got
+
+
+def test_a_linear_layer_is_timed_with_its_bias_and_the_activation_that_follows() -> None:
+    import numpy as np
 
     graph = analyze(Mlp().eval(), (1, 10, 16))
     sites = {s.name: s for s in latency.sites(graph, 2)}
     assert (sites["fc1"].act, sites["fc2"].act, sites["head"].act) == ("gelu", "", "relu")
     assert sites["fc1"].config() != dataclasses.replace(sites["fc1"], act="").config()  # its own cache entry
-    for name, ops in (("fc1", ["MatMul", "Add", "Div", "Erf", "Add", "Mul", "Mul"]), ("fc2", ["MatMul", "Add"]),
-                      ("head", ["Gemm", "Relu"])):
+    for name, want_ops in (("fc1", ["MatMul", "Add", "Div", "Erf", "Add", "Mul", "Mul"]), ("fc2", ["MatMul", "Add"]),
+                           ("head", ["Gemm", "Relu"])):
         site = sites[name]
         cin, cout = site.in_channels // 2, site.out_channels // 2
-        model = latency.layer_model(site, cin, cout)
-        assert [n.op_type for n in onnx.load_from_string(model).graph.node] == ops
-        inits = onnx.load_from_string(model).graph.initializer
-        w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in inits}
         x = np.random.default_rng(0).standard_normal((2, 10, cin) if name != "head" else (2, cin), dtype=np.float32)
-        got = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        ops, w, got = _run_layer(site, cin, cout, x)
+        assert ops == want_ops
         want = torch.from_numpy(x) @ w["w"] + w["b"]  # the exact activation the model applies, from torch
         want = {"gelu": nn.functional.gelu, "relu": torch.relu, "": lambda t: t}[site.act](want)
         assert got.shape == tuple(want.shape) and np.allclose(got, want.numpy(), atol=1e-5)
@@ -433,9 +440,6 @@ def test_a_linear_layer_is_timed_with_its_bias_and_the_activation_that_follows()
 
 def test_a_conv_is_timed_with_an_activation_onnx_runtime_does_not_fuse_into_it() -> None:
     import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
 
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU(),
                           nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
@@ -444,17 +448,14 @@ def test_a_conv_is_timed_with_an_activation_onnx_runtime_does_not_fuse_into_it()
     # through the BatchNorm: SiLU and GELU are timed; a ReLU fuses into the conv, and no activation is timed
     # the same way (one fused Relu stands for both)
     assert [sites[n].act for n in ("0", "3", "6", "8")] == ["silu", "", "gelu", ""]
-    ops = {"0": ["Conv", "Sigmoid", "Mul"], "3": ["Conv", "Relu"], "6": ["Conv", "Div", "Erf", "Add", "Mul", "Mul"],
-           "8": ["Conv", "Relu"]}
+    expected = {"0": ["Conv", "Sigmoid", "Mul"], "3": ["Conv", "Relu"],
+                "6": ["Conv", "Div", "Erf", "Add", "Mul", "Mul"], "8": ["Conv", "Relu"]}
     acts = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "": torch.relu}
-    for name, want_ops in ops.items():
+    for name, want_ops in expected.items():
         site = sites[name]
-        layer = latency.layer_model(site, site.in_channels, site.out_channels)
-        graph = onnx.load_from_string(layer).graph
-        assert [n.op_type for n in graph.node] == want_ops
-        w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
         x = np.random.default_rng(0).standard_normal(site.in_shape, dtype=np.float32)
-        got = ort.InferenceSession(layer, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        ops, w, got = _run_layer(site, site.in_channels, site.out_channels, x)
+        assert ops == want_ops
         want = acts[site.act](nn.functional.conv2d(torch.from_numpy(x), w["w"], w.get("b"), padding=site.padding))
         assert np.allclose(got, want.numpy(), atol=1e-4)
 
