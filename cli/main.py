@@ -92,6 +92,10 @@ def _run_template(
                                                           "times is timed for a few ms, and its speedup varies "
                                                           "by several % from run to run. 0 = exactly "
                                                           "--bench-iters.")] = 0.5,  # spec.BENCH_MIN_SECONDS
+    bench_target_seconds: Annotated[float, typer.Option(
+        help="With --target-speedup/--target-latency: raise the iterations until the final benchmark, which "
+             "decides whether the target is met, runs at least this long in all (more rounds average out a shared "
+             "machine's slow spells). 0 = no floor.")] = 60.0,  # spec.TARGET_BENCH_SECONDS
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
     round_to: Annotated[Optional[str], typer.Option(
         help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs and tensor cores, 16 AVX-512), or "
@@ -243,7 +247,7 @@ def _run_spec(kw: dict[str, Any]) -> Any:
                         distill_temperature=kw["distill_temperature"], distill_alpha=kw["distill_alpha"],
                         bn_recalib_batches=kw["bn_recalib_batches"], head_refit=not kw["no_head_refit"]),
         bench=BenchSpec(provider=kw["provider"], iters=kw["bench_iters"], threads=kw["threads"],
-                        min_seconds=kw["bench_min_seconds"]),
+                        min_seconds=kw["bench_min_seconds"], target_seconds=kw["bench_target_seconds"]),
         data=kw["data"], workers=kw["workers"], image_size=kw["image_size"], skip_bad_images=kw["skip_bad_images"],
         input_shape=_shape(kw["input_shape"]), out=kw["out"], force=kw["force"],
         variants=tuple(k for k in variants.optional_kinds() if kw.get(k)), variant_options=_variant_options(kw),

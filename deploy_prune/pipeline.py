@@ -27,6 +27,9 @@ from deploy_prune.spec import RunSpec
 from deploy_prune.target import Measure
 from deploy_prune.train import Trainer
 
+CONTROL = ("dense", "unstructured")
+"""The final benchmark's control pair: the sparse copy runs dense's kernels, so their p50s must agree
+(:func:`deploy_prune.bench.benchmark_controlled`)."""
 
 def run(spec: RunSpec) -> dict[str, Any] | None:
     """Run the whole pipeline and write the bundle at ``spec.out``; returns the report dict.
@@ -73,12 +76,20 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             made = make_variants(chosen, pair, dense, stage, inputs, trainer, provider, known,
                                  options=spec.variant_options, threads=spec.bench.threads)
             floor = f", each timed for at least {spec.bench.min_seconds:g} s" if spec.bench.min_seconds else ""
+            if spec.prune.target is not None and spec.bench.target_seconds:
+                floor += (f", for at least {spec.bench.target_seconds:g} s in all: it decides whether the target "
+                          "is met")
             say(f"benchmarking {' vs '.join(v.kind for v in chosen)} on {provider} (at least {spec.bench.iters} "
                 f"iterations{floor})")
-            result = bench.benchmark({m.kind: stage / m.file for m in made}, inputs.shape, provider=provider,
-                                     threads=spec.bench.threads, iters=spec.bench.iters, seed=spec.prune.seed,
-                                     min_seconds=spec.bench.min_seconds,
-                                     progress=spec.progress)
+            files = {m.kind: stage / m.file for m in made}
+            timing = dict(provider=provider, threads=spec.bench.threads, iters=spec.bench.iters,
+                          seed=spec.prune.seed, min_seconds=spec.bench.min_seconds, progress=spec.progress,
+                          total_seconds=spec.bench.target_seconds if spec.prune.target is not None else 0.0)
+            control = None
+            if CONTROL[0] in files and CONTROL[1] in files:
+                result, control = bench.benchmark_controlled(files, inputs.shape, CONTROL, say=say.note, **timing)
+            else:
+                result = bench.benchmark(files, inputs.shape, **timing)
             tiny = _tiny_model_note(result)
             if tiny:
                 say.note(tiny)
@@ -86,6 +97,8 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             env = {**bench.environment(result), "world_size": distributed.world_size()}
             rep = report.build(spec=spec, loaded=inputs.loaded, shape=inputs.shape, pair=pair, made=made,
                                bench=result, environment=env)
+            if control is not None:
+                rep["bench"]["control"] = control
             save_pruned(stage / "pruned.pt", pair.structured.model, arch=inputs.loaded.arch,
                         num_classes=inputs.loaded.num_classes, input_shape=inputs.shape, plan=pair.structured.plan)
             report.write_report(stage, rep, result, {"plots": draw_plots(pair, stage)})

@@ -633,6 +633,16 @@ def _markdown(
             lines.append(f"| {_md_escape(key)} | {_md_escape(value)} |")
     method = (report.get("bench") or {}).get("method") or bench.method
     lines += ["", f"How the benchmark ran: {method}"]
+    control = (report.get("bench") or {}).get("control")
+    if isinstance(control, Mapping) and control.get("runs"):
+        base, twin = control["pair"]
+        ratios = [r["control_ratio"] for r in control["runs"]]
+        kept = control["kept"]
+        lines += ["", f"Control: {twin} runs {base}'s kernels, so their p50s should agree; {twin} / {base} measured "
+                  + ", ".join(f"{r:.3f}" for r in ratios)
+                  + (f" in {len(ratios)} interleaved runs (tolerance ±{control['tolerance']:.0%}); run {kept + 1} "
+                     "was kept, and every number on this page is from it." if len(ratios) > 1 else
+                     f" (within ±{control['tolerance']:.0%}).")]
 
     lines += ["", "## Plots", ""]
     for p in plots:

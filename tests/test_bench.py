@@ -20,6 +20,7 @@ from deploy_prune.bench import (
     LatencyStats,
     bench_files,
     benchmark,
+    benchmark_controlled,
     make_session,
     resolve_provider,
 )
@@ -150,6 +151,47 @@ def test_min_seconds_raises_the_iterations_of_fast_models_alike_for_every_varian
     assert f"until each had {raised.iters} kept runs" in raised.method
     # without warm-up runs there is nothing to estimate the speed from: exactly iters
     assert benchmark(pair, (1, 3, 16, 16), iters=7, warmup=0, threads=1, progress=False, min_seconds=0.1).iters == 7
+
+
+def test_total_seconds_raises_the_iterations_until_the_whole_run_lasts_that_long(models: dict[str, Path]) -> None:
+    pair = {"dense": models["dense"], "structured": models["structured"]}
+    res = benchmark(pair, (1, 3, 16, 16), iters=7, warmup=3, block=5, drop=1, threads=1, progress=False,
+                    total_seconds=0.3)
+    assert 7 < res.iters <= MAX_ITERS and all(len(s) == res.iters for s in res.samples.values())
+    # the floor is the whole run (both variants, dropped runs included), not each variant
+    timed_ms = sum(sum(s) for s in res.samples.values()) * 5 / 4
+    assert timed_ms > 0.3e3 / 4  # about 0.3 s at the warm-up's speed; the timed runs are usually faster
+
+
+def test_a_control_pair_that_agrees_keeps_the_first_run(models: dict[str, Path]) -> None:
+    # the same file twice is a perfect control pair; with a tolerance of 100% any run passes
+    files = {"dense": models["dense"], "copy": models["dense"], "structured": models["structured"]}
+    said: list[str] = []
+    res, record = benchmark_controlled(files, (1, 3, 16, 16), ("dense", "copy"), tolerance=1.0, say=said.append,
+                                       iters=5, warmup=1, threads=1, progress=False)
+    assert record["pair"] == ["dense", "copy"] and record["tolerance"] == 1.0
+    assert len(record["runs"]) == 1 and record["kept"] == 0 and not said
+    run = record["runs"][0]
+    assert run["control_ratio"] == pytest.approx(res.stats["copy"].p50 / res.stats["dense"].p50, abs=1e-4)
+    assert run["speedups"]["structured"] == pytest.approx(res.stats["dense"].p50 / res.stats["structured"].p50,
+                                                          abs=1e-4)
+    assert "dense" not in run["speedups"]
+
+
+def test_a_control_pair_that_disagrees_times_again_and_keeps_the_run_where_it_agrees_best(
+        models: dict[str, Path]) -> None:
+    # a tolerance of 0 is never met by two measured p50s (nanosecond timings), so every attempt runs
+    said: list[str] = []
+    files = {"small": models["structured"], "dense": models["dense"]}
+    res, record = benchmark_controlled(files, (1, 3, 16, 16), ("dense", "small"), tolerance=0.0, attempts=3,
+                                       say=said.append, iters=5, warmup=1, threads=1, progress=False)
+    ratios = [r["control_ratio"] for r in record["runs"]]
+    assert len(ratios) == 3 and len(said) == 2 and "run 2 of at most 3" in said[0]
+    assert record["kept"] == min(range(3), key=lambda i: abs(np.log(ratios[i])))
+    # the result returned is the kept run's
+    assert res.stats["small"].p50 / res.stats["dense"].p50 == pytest.approx(ratios[record["kept"]], abs=1e-4)
+    with pytest.raises(KeyError, match="control pair"):
+        benchmark_controlled(files, (1, 3, 16, 16), ("dense", "absent"), iters=2, threads=1, progress=False)
 
 
 def test_benchmark_rejects_bad_settings(models: dict[str, Path]) -> None:

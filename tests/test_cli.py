@@ -58,6 +58,7 @@ BASE = ["run", "builtin:mnist_cnn", "--no-finetune", "--bench-iters", "2", "-q"]
         (BASE + ["--data", "cifar"], ["cifar"]),
         (BASE + ["--data", "imagefolder:/nonexistent"], ["/nonexistent"]),
         (BASE + ["--no-such-flag"], ["no-such-flag"]),
+        (BASE + ["--bench-target-seconds", "-1"], ["--bench-target-seconds", ">= 0"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args: list[str], needles: list[str], tmp_path: Path,

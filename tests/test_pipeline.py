@@ -50,6 +50,14 @@ def _check_bundle(out: Path) -> dict:
         assert max(kept) < layer["out_channels_before"]
     md = (out / "report.md").read_text()
     assert report["verdict"] in md
+    # the control pair: the sparse copy runs dense's kernels; the variants' numbers come from the run kept
+    control = report["bench"]["control"]
+    assert control["pair"] == ["dense", "unstructured"] and 1 <= len(control["runs"]) <= 3
+    kept = control["runs"][control["kept"]]
+    p50 = {kind: x["latency_ms"]["p50"] for kind, x in v.items()}
+    assert kept["control_ratio"] == pytest.approx(p50["unstructured"] / p50["dense"], abs=1e-3)
+    assert kept["speedups"]["structured"] == pytest.approx(v["structured"]["speedup_vs_dense"], abs=1e-3)
+    assert "Control: unstructured runs dense's kernels" in md
     return report
 
 

@@ -532,9 +532,15 @@ def test_unreachable_target_on_the_cli_is_one_line_and_exit_2(capsys: pytest.Cap
 def test_a_target_run_reports_what_it_measured(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("DEPLOY_PRUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "b"
+    # no per-variant floor: more than the 20 iterations asked for can only come from the target's floor on the
+    # final benchmark's length in all (3 variants of a sub-millisecond model for 2 s: hundreds of rounds)
     assert _cli(["run", "builtin:mnist_resnet", "--no-finetune", "--target-speedup", "1.3", "--bench-iters", "20",
-                 "--round-to", "8", "--out", str(out), "-q"]) == 0
+                 "--bench-min-seconds", "0", "--bench-target-seconds", "2", "--round-to", "8", "--out", str(out),
+                 "-q"]) == 0
     rep = json.loads((out / "report.json").read_text())
+    assert rep["bench"]["iters"] > 20
+    lat = {v["kind"]: v["latency_ms"]["p50"] for v in rep["variants"]}
+    assert rep["bench"]["iters"] * sum(lat.values()) > 500  # ms: about 1.6 s at the warm-up speeds (not 20 runs)
     t = rep["target"]
     assert t["kind"] == "speedup" and t["value"] == 1.3 and t["probes"]
     st = next(v for v in rep["variants"] if v["kind"] == "structured")
@@ -584,8 +590,8 @@ def test_with_data_a_target_run_chooses_its_allocation_by_accuracy_after_bn_rees
     monkeypatch.setenv("DEPLOY_PRUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "b"
     assert _cli(["run", "builtin:mnist_cnn", "--data", "mnist5k", "--no-finetune", "--target-speedup", "1.5",
-                 "--threads", "1", "--bench-iters", "20", "--bench-min-seconds", "0.05", "--out", str(out),
-                 "-q"]) == 0
+                 "--threads", "1", "--bench-iters", "20", "--bench-min-seconds", "0.05", "--bench-target-seconds",
+                 "1", "--out", str(out), "-q"]) == 0
     rep = json.loads((out / "report.json").read_text())
     choice = rep["target"]["allocation_choice"]
     judged = [c for c in choice["candidates"] if "score" in c]
