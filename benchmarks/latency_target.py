@@ -259,8 +259,30 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--from-json", type=Path, nargs="+", default=None,
                     help="only render the tables from earlier --json files (one model per file is fine)")
+    ap.add_argument("--uniform-from", type=Path, default=None,
+                    help="run only part uniform, on the bundles of an earlier --parts targets run's --json file "
+                         "(the bundles must still exist), for the --models and --targets given; rewrites --json")
     args = ap.parse_args()
     import compare_torch_pruning as C
+
+    if args.uniform_from:
+        doc = json.loads(args.uniform_from.read_text())
+        wanted = {float(x) for x in args.targets.split(",")}
+        for row in doc["rows"]:
+            if row["model"] not in args.models.split(","):
+                continue
+            every = row["targets"]
+            row["targets"] = {x: t for x, t in every.items() if float(x) in wanted}
+            print(f"== {row['model']} (uniform, targets {sorted(row['targets'])})", file=sys.stderr, flush=True)
+            part_uniform(row["model"], row, args)  # fills each chosen target's "uniform" in place
+            row["targets"] = every
+        interpolate_tp(doc["rows"], args.input_shape, args.seed)
+        doc["command_uniform"] = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])]
+                                                        + sys.argv[1:])
+        if args.json:
+            args.json.write_text(json.dumps(doc, indent=1))
+        print(markdown(doc["rows"], doc["env"], doc["command"], doc.get("started", "?")))
+        return
 
     if args.from_json:
         docs = [json.loads(p.read_text()) for p in args.from_json]

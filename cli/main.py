@@ -95,7 +95,8 @@ def _run_template(
     bench_target_seconds: Annotated[float, typer.Option(
         help="With --target-speedup/--target-latency: raise the iterations until the final benchmark, which "
              "decides whether the target is met, runs at least this long in all (more rounds average out a shared "
-             "machine's slow spells). 0 = no floor.")] = 60.0,  # spec.TARGET_BENCH_SECONDS
+             "machine's slow spells); the search's confirming timing of the probe it stops on runs a quarter "
+             "as long. 0 = no floor.")] = 60.0,  # spec.TARGET_BENCH_SECONDS
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
     round_to: Annotated[Optional[str], typer.Option(
         help="Round kept channel counts to a multiple of N (8 suits AVX2 CPUs and tensor cores, 16 AVX-512), or "

@@ -478,7 +478,7 @@ def benchmark_controlled(
     multiply zeros like any other weight).
 
     On a shared 2-vCPU VM one interleaved run now and then catches one variant in a slow spell of the machine:
-    the dense and the sparse model, identical in cost, once measured 13% apart in the same run, and the
+    the dense and the sparse model, identical in cost, once measured 15% apart in the same run, and the
     speedup read off that run's dense p50 was 1.40x for a model that measured 1.52x, 1.57x and 1.49x in three
     other runs (docs/onnx-runtime.md §3). So when the control pair's p50s differ by more than ``tolerance``
     (relative), the whole interleaved run is repeated, up to ``attempts`` runs, and the run whose control pair

@@ -31,6 +31,7 @@ CONTROL = ("dense", "unstructured")
 """The final benchmark's control pair: the sparse copy runs dense's kernels, so their p50s must agree
 (:func:`deploy_prune.bench.benchmark_controlled`)."""
 
+
 def run(spec: RunSpec) -> dict[str, Any] | None:
     """Run the whole pipeline and write the bundle at ``spec.out``; returns the report dict.
 
@@ -61,7 +62,8 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             say.note(f"dense accuracy: {known['dense']:.2f}%")
 
         measure = Measure(provider, spec.bench.threads, iters=max(20, min(50, spec.bench.iters)),
-                          seed=spec.prune.seed, progress=spec.progress, min_seconds=spec.bench.min_seconds)
+                          seed=spec.prune.seed, progress=spec.progress, min_seconds=spec.bench.min_seconds,
+                          confirm_seconds=spec.bench.target_seconds / 4)
         pair = prune_pair(dense, spec.prune, inputs.shape, trainer, say, measure)
         if not distributed.is_main():
             code = distributed.wait_for_main()  # rank 0 exports, benchmarks and writes alone

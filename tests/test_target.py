@@ -61,6 +61,7 @@ class FakeProber(Prober):
     def __init__(self, graph) -> None:
         self.sites = {s.name: s for s in latency.sites(graph, SHAPE[0])}
         self.timed = 0
+        self.confirms: list[bool] = []  # per timing: was it the longer one that confirms a probe
 
     def tables(self, graph, batch: int, step: int) -> latency.LatencyModel:
         tables = {}
@@ -79,8 +80,9 @@ class FakeProber(Prober):
             total += _conv_ms(name, s, cin, cout)
         return 1.2 * total + 0.05
 
-    def time(self, pruned: nn.Module) -> tuple[float, float]:
+    def time(self, pruned: nn.Module, confirm: bool = False) -> tuple[float, float]:
         self.timed += 1
+        self.confirms.append(confirm)
         return self.model_ms(self.dense), self.model_ms(pruned)
 
 
@@ -102,15 +104,15 @@ class NoisyProber(FakeProber):
         super().__init__(graph)
         self.noise = list(noise)
 
-    def time(self, pruned: nn.Module) -> tuple[float, float]:
-        dense, ms = super().time(pruned)
+    def time(self, pruned: nn.Module, confirm: bool = False) -> tuple[float, float]:
+        dense, ms = super().time(pruned, confirm)
         return dense, ms * (self.noise.pop(0) if self.noise else 1.0)
 
 
-def test_an_accepted_probe_is_timed_again_and_judged_on_the_mean() -> None:
+def test_an_accepted_probe_is_timed_again_for_longer_and_judged_on_that_timing() -> None:
     model, graph, crit, _ = _setup()
-    # the first probe that lands in the inner band is measured 6% too fast; its second timing is exact, so their
-    # geometric mean (3% too fast) decides, as the final benchmark would see it
+    # the first probe that lands in the inner band is measured 6% too fast; its second, longer timing is
+    # exact, and it alone decides, as the final benchmark would see the model
     for first in range(1, 9):
         prober = NoisyProber(graph, [1.0] * (first - 1) + [1 / 1.06, 1.0])
         prober.dense = model
@@ -120,11 +122,13 @@ def test_an_accepted_probe_is_timed_again_and_judged_on_the_mean() -> None:
         assert repeated, "the accepted probe must have been timed twice"
         for p in repeated:
             a, b = p.repeats
-            assert p.measured == pytest.approx((a * b) ** 0.5)
+            assert p.measured == pytest.approx(b) and p.dense_ms / p.probe_ms == pytest.approx(b)
             assert p.to_json()["repeats"] == [round(a, 4), round(b, 4)]
+        # every confirming timing, and only those, asked for the longer run
+        assert prober.confirms.count(True) == len(repeated) and prober.confirms.count(False) == len(found.probes)
         assert 2.0 <= found.probes[found.chosen].measured <= 2.2
         if any(abs(p.repeats[0] / p.repeats[1] - 1.06) < 1e-6 for p in repeated):
-            return  # the noisy timing was the first of a pair: seen and averaged
+            return  # the noisy timing was the first of a pair: seen, and overruled by the longer one
     raise AssertionError("no run put the 6% timing error on an accepted probe")
 
 
