@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from _tiny import tiny_digits  # noqa: F401 - the fixture
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "deploy_prune" / "report.schema.json").read_text())
-TINY = ["--input-shape", "1x1x28x28", "--batch-size", "16", "--bench-iters", "3", "-q"]
+TINY = ["--input-shape", "1x1x28x28", "--batch-size", "16", "--bench-iters", "3", "--bench-target-seconds", "1", "-q"]
 
 
 def _torchrun(args: list[str], tmp: Path, nproc: int = 2, timeout: int = 300,

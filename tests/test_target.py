@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,29 @@ def test_unreachable_target_says_the_best_reachable_speedup() -> None:
                prober=prober)
     assert "--max-layer-ratio" in err.value.cli_message()
     assert isinstance(err.value, BadInput)  # exit code 2
+
+
+class SlowFirstProber(FakeProber):
+    """The fake device, with every probe's first (short) timing of the pruned model 30% slow."""
+
+    def time(self, pruned: nn.Module, confirm: bool = False) -> tuple[float, float]:
+        dense, ms = super().time(pruned, confirm)
+        return dense, ms if confirm else ms / 0.7
+
+
+def test_an_unreachable_target_is_refused_on_a_longer_timing_of_the_fastest_model() -> None:
+    model, graph, crit, prober = _setup()
+    with pytest.raises(TargetUnreachable) as exact:
+        search(model, graph, crit, PlanConfig(ratio=0.0, round_to=8), Target("speedup", 500.0), SHAPE,
+               prober=prober)
+    best = re.search(r"measured speedup (\d+\.\d+)x", str(exact.value)).group(1)
+    # the first timing of every probe 30% slow, the confirming one exact: the refusal quotes the exact speed
+    noisy = SlowFirstProber(graph)
+    noisy.dense = model
+    with pytest.raises(TargetUnreachable, match=rf"measured speedup {best}x"):
+        search(model, graph, crit, PlanConfig(ratio=0.0, round_to=8), Target("speedup", 500.0), SHAPE,
+               prober=noisy)
+    assert noisy.confirms[-1] is True
 
 
 def test_allocation_gives_up_expensive_per_mac_layers_first() -> None:
@@ -525,7 +549,7 @@ def test_unreachable_target_on_the_cli_is_one_line_and_exit_2(capsys: pytest.Cap
                                                               tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("DEPLOY_PRUNE_CACHE", str(tmp_path / "cache"))
     code = _cli(["run", "builtin:mnist_cnn", "--no-finetune", "--target-speedup", "1000", "--bench-iters", "20",
-                 "--out", str(tmp_path / "o"), "-q"])
+                 "--bench-target-seconds", "1", "--out", str(tmp_path / "o"), "-q"])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [x for x in err.splitlines() if x.strip()]
