@@ -64,8 +64,9 @@ MAX_PROBES = 8
 FALLBACK_PROBES = 4  # per fallback allocation (see search)
 EDGE_MACS = 0.9  # without a judge, an in-band probe outside the inner half counts this share of its MACs
 CONFIRM_SECONDS = 15.0
-"""How long (in all) the second timing of a probe that landed in the band's inner half runs. The search stops
-on it, so it is what the final benchmark has to agree with: a probe's first timing is short (50 iterations,
+"""How long (in all) the second timing runs of a probe that landed in the band's inner half, or of the fastest
+model allowed before a target is refused. The search stops on it, so it is what the final benchmark has to
+agree with (or what the refusal quotes): a probe's first timing is short (50 iterations,
 2-9 s on the six 224x224 models) and on a 2-vCPU VM one such run lands 3-8% from the next; in the six-model
 re-run with a 60-second final benchmark (2026-12-03), ResNet-18 at 1.5x stopped on a probe whose two short
 timings averaged 1.57x, and the final benchmark measured 1.48x (docs/latency-target.md). ``deploy-prune run``
