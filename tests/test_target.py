@@ -175,6 +175,24 @@ def test_unreachable_target_says_the_best_reachable_speedup() -> None:
     assert isinstance(err.value, BadInput)  # exit code 2
 
 
+def test_the_onnx_runtime_prober_times_a_probe_again_from_the_file_it_exported(tmp_path: Path) -> None:
+    import copy
+
+    from deploy_prune.target import Measure, OrtProber
+
+    torch.manual_seed(0)
+    dense = Net().eval()
+    prober = OrtProber(dense, SHAPE, Measure("cpu", 1, iters=3, progress=False, min_seconds=0.0,
+                                             confirm_seconds=0.05), tmp_path)
+    probe, other = copy.deepcopy(dense), copy.deepcopy(dense)
+    first = prober.time(probe)
+    again = prober.time(probe, confirm=True)  # the confirmation reuses probe1.onnx: no second export
+    assert prober.n == 1 and all(ms > 0 for ms in first + again)
+    assert sorted(f.name for f in tmp_path.glob("probe*.onnx")) == ["probe1.onnx"]
+    prober.time(other)  # a new probe replaces the previous file
+    assert prober.n == 2 and sorted(f.name for f in tmp_path.glob("probe*.onnx")) == ["probe2.onnx"]
+
+
 class SlowFirstProber(FakeProber):
     """The fake device, with every probe's first (short) timing of the pruned model 30% slow."""
 
