@@ -216,6 +216,43 @@ def test_an_unreachable_target_is_refused_on_a_longer_timing_of_the_fastest_mode
     assert noisy.confirms[-1] is True
 
 
+class EdgeProber(FakeProber):
+    """The fake device, with every probe's first (short) timing just inside the band's lower edge (1.01 x the
+    target speedup) and the longer, confirming one exact."""
+
+    def __init__(self, graph, x: float) -> None:
+        super().__init__(graph)
+        self.x = x
+
+    def time(self, pruned: nn.Module, confirm: bool = False) -> tuple[float, float]:
+        dense, ms = super().time(pruned, confirm)
+        return dense, ms if confirm else dense / (1.01 * self.x)
+
+
+def test_a_probe_at_the_band_edge_is_timed_again_before_it_is_chosen() -> None:
+    from deploy_prune.target import EDGE_CONFIRMS, MAX_PROBES
+
+    model, graph, crit, _ = _setup()
+    prober = EdgeProber(graph, 2.0)
+    prober.dense = model
+    found = search(model, graph, crit, PlanConfig(ratio=0.0, round_to=2), Target("speedup", 2.0), SHAPE,
+                   prober=prober)
+    # no short timing ever lands in the band's inner half, so the search runs out of probes ...
+    assert len(found.probes) == MAX_PROBES
+    # ... and the probe it would choose on a short edge timing is timed again first (the next, if that one
+    # leaves the band), with the longer run, and judged on that timing
+    confirmed = [p for p in found.probes if p.repeats]
+    assert 1 <= len(confirmed) <= EDGE_CONFIRMS and prober.confirms.count(True) == len(confirmed)
+    for p in confirmed:
+        assert p.repeats[0] == pytest.approx(2.02) and p.measured == pytest.approx(p.dense_ms / p.probe_ms)
+        assert p.measured != pytest.approx(2.02)  # the exact timing replaced the edge one
+    chosen = found.probes[found.chosen]
+    if 2.0 <= confirmed[-1].measured <= 2.2:  # a confirmed probe in the band is the one chosen
+        assert chosen is confirmed[-1]
+    else:  # every confirmation left the band: both confirmations were spent
+        assert len(confirmed) == EDGE_CONFIRMS
+
+
 def test_allocation_gives_up_expensive_per_mac_layers_first() -> None:
     model, graph, crit, prober = _setup()
     cfg = PlanConfig(ratio=0.0, round_to=8)
