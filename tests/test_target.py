@@ -581,6 +581,70 @@ def test_round_to_auto_times_a_reference_conv_when_the_model_is_too_small_to_sho
     assert "reference conv" in info["reason"]
 
 
+class GroupedNet(nn.Module):
+    """RegNet-X-like: residual blocks whose middle 3x3 conv is grouped, ``widths`` channels per group."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1, groups=64 // w, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64)) for w in widths)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in self.blocks:
+            x = torch.relu(x + b(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize(("widths", "step", "want"), [
+    ((16, 32), 16, 8),  # the 16-wide groups freeze at 16 and are free at 8
+    ((16, 32), 32, 8),  # at 32 both freeze; 16 would still freeze the 16-wide ones
+    ((32, 32), 32, 16),  # 16 frees them as well as 8 does, and is the coarser
+    ((32, 32), 16, 16),  # nothing frozen: the measured step stands
+    ((16, 32), 8, 8),
+])
+def test_round_to_auto_never_freezes_a_grouped_conv_the_finest_step_could_prune(widths, step, want) -> None:
+    graph = analyze(GroupedNet(widths).eval(), (1, 3, 16, 16))
+    grouped = [g for g in graph.groups if g.grouped]
+    # a grouped conv's input and output are groups of their own, whose classes are one conv group's width
+    assert sorted(g.size for g in grouped) == sorted(2 * widths)
+
+    def prunable(g, b: int) -> bool:
+        return len(allowed_counts(g, PlanConfig(ratio=0.0, round_to=b, max_layer_ratio=0.9))) > 1
+
+    lowered, why = latency.step_for_grouped(graph, step)
+    assert lowered == want
+    # independently of the rule: at the step it returns, every grouped group the finest step can prune is
+    # prunable; at the measured step, one of them was not (and the reason names it), or nothing changed
+    assert [prunable(g, lowered) for g in grouped] == [prunable(g, 8) for g in grouped]
+    if want != step:
+        assert not all(prunable(g, step) for g in grouped)
+        assert f"could not be pruned at a step of {step}" in why
+    else:
+        assert why == ""
+    assert latency.step_for_grouped(analyze(Net().eval(), SHAPE), 32) == (32, "")  # no grouped conv
+
+
+def test_round_to_auto_records_the_step_it_measured_and_why_it_lowered_it() -> None:
+    from deploy_prune.prune import resolve_round_to
+    from deploy_prune.target import Measure
+
+    class Blocked16(Measure):
+        def timer(self, repeats: int = latency.Timer.repeats) -> latency.Timer:
+            return StepTimer(16)
+
+    said: list[str] = []
+    spec, info = resolve_round_to(GroupedNet((16, 16)).eval(), PruneSpec(round_to="auto"), (1, 3, 16, 16),
+                                  Blocked16("cpu", 1), said.append)
+    assert spec.round_to == 8 and info["measured_step"] == 16
+    assert "4 grouped-conv channel group(s) with 16 channels per group" in info["lowered"]
+    assert any("lowered to 8" in line for line in said)
+
+
 def _cli(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as exc:
         main(argv)
