@@ -629,31 +629,6 @@ def choose_step(latency_sites: list[Site], timer: Timer, *, top: int = 3, rounds
     return step, info
 
 
-def step_for_grouped(graph: Any, step: int) -> tuple[int, str]:
-    """``step`` lowered, where it would keep a grouped conv from being pruned at all: the step the timings chose,
-    or the coarsest of :data:`AUTO_STEPS` below it that frees as many grouped convs as the finest step does,
-    and why.
-
-    A grouped conv's channel group keeps its group count and shrinks each group's width, which must be a
-    multiple of the step (:func:`~deploy_prune.surgery.plan.kept_count`); a group only as wide as the step
-    cannot be pruned. :func:`choose_step` measures the step on plain convs. On RegNet-X-400MF (16 channels per
-    group in every grouped conv) a step of 16 froze every block's middle channels, leaving only the stages'
-    residual widths to prune: the fastest model allowed measured 2.00x, and at 1.5x the model kept 0.91x the
-    MACs of Torch-Pruning's uniform model at equal speed (docs/latency-target.md)."""
-    widths = [g.size for g in graph.groups if g.grouped]
-
-    def frozen(b: int) -> int:
-        return sum(1 for w in widths if w <= b)
-
-    if not widths or frozen(step) == frozen(AUTO_STEPS[0]):
-        return step, ""
-    lower = max(b for b in AUTO_STEPS if b < step and frozen(b) == frozen(AUTO_STEPS[0]))
-    freed = sorted(w for w in widths if lower < w <= step)
-    span = f"{freed[0]}" if freed[0] == freed[-1] else f"{freed[0]}-{freed[-1]}"
-    return lower, (f"{len(freed)} grouped-conv channel group(s) with {span} channels per group could not be "
-                   f"pruned at a step of {step}")
-
-
 def _staircase_misfit(widths: Sequence[int], ys: Sequence[float], block: int) -> float:
     """1 - R² of the least-squares fit ``y = a + b * ceil(width / block) * block``: 0 for a perfect fit."""
     x = np.array([math.ceil(w / block) * block for w in widths], dtype=float)

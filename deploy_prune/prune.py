@@ -317,12 +317,7 @@ def resolve_round_to(dense: nn.Module, spec: PruneSpec, shape: tuple[int, ...], 
     def measure_step() -> tuple[int, dict[str, Any]]:
         say("choosing the channel step (round_to auto): timing one-layer models on this provider")
         graph = analyze(dense, shape, ignore=spec.ignore)
-        step, info = latency.choose_step(latency.sites(graph, shape[0]), measure.timer(repeats=latency.AUTO_REPEATS))
-        lower, why = latency.step_for_grouped(graph, step)
-        if lower != step:
-            say(f"round_to auto: step {step} lowered to {lower}: {why}")
-            info = {**info, "measured_step": step, "lowered": why}
-        return lower, info
+        return latency.choose_step(latency.sites(graph, shape[0]), measure.timer(repeats=latency.AUTO_REPEATS))
 
     step, info = distributed.on_main(measure_step)
     return spec.with_(round_to=step), {"chosen": step, **info}
