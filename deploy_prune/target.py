@@ -552,13 +552,17 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
     # The probes ran out without one in the inner band: the one this trajectory offers may sit at the band's
     # edge on one short timing (EfficientNet-B0 at 3x: chosen at 3.04x, the final benchmark measured 2.91x).
     # Confirm it the same way before it can win; if it leaves the band, the next one in the band is confirmed.
+    # ``pruned`` still holds the model of probe ``held`` (its file exported): reused rather than built again.
+    held = len(probes) - 1
     for _ in range(EDGE_CONFIRMS):
         pick = _pick(target, probes)
         if pick.repeats or _in_band(target, pick.measured) != 0:
             break
-        pruned = copy.deepcopy(model)
-        prune_channels(pruned, graph, plans[pick.index])
-        confirm(pruned, probes.index(pick))
+        k = probes.index(pick)
+        if k != held:
+            pruned, held = copy.deepcopy(model), k
+            prune_channels(pruned, graph, plans[pick.index])
+        confirm(pruned, k)
     return _Searched(allocation, states, probes, plans, _pick(target, probes))
 
 
