@@ -114,8 +114,8 @@ def _run_template(
                                                  "importance per ms; uniform: the same fraction everywhere; auto: "
                                                  "with --data, search each for the target and keep the most "
                                                  "accurate after BatchNorm re-estimation (EagleEye), else "
-                                                 "latency, trying the others when its measured speeds jump "
-                                                 "past the band's middle.")] = "auto",
+                                                 "latency, trying uniform, then importance, when its measured "
+                                                 "speeds jump past the band's middle.")] = "auto",
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,

@@ -374,14 +374,14 @@ def test_without_a_judge_a_trajectory_that_jumps_past_the_band_falls_back_to_the
     # the latency-aware search bracketed the jump: nothing it measured lies in [2.0, 2.2]
     assert by["latency"] and all(m < 2.0 or m > 2.2 for m in by["latency"])
     assert any(m < 2.0 for m in by["latency"]) and any(m > 2.2 for m in by["latency"])
-    # the importance trajectory, searched next, landed in the band's inner half, so uniform was never tried
-    assert 1 <= len({p.index for p in found.probes if p.allocation == "importance"}) <= FALLBACK_PROBES
-    assert by["uniform"] == []
+    # uniform pruning, searched next, landed in the band's inner half, so importance was never tried
+    assert 1 <= len({p.index for p in found.probes if p.allocation == "uniform"}) <= FALLBACK_PROBES
+    assert by["importance"] == []
     choice = found.info["allocation_choice"]
-    assert choice["chosen"] == "importance" and "no data" in choice["judged_by"]
-    assert [c["allocation"] for c in choice["candidates"]] == ["latency", "importance"]
+    assert choice["chosen"] == "uniform" and "no data" in choice["judged_by"]
+    assert [c["allocation"] for c in choice["candidates"]] == ["latency", "uniform"]
     chosen = found.probes[found.chosen]
-    assert chosen.allocation == "importance" and 2.05 <= chosen.measured <= 2.15
+    assert chosen.allocation == "uniform" and 2.05 <= chosen.measured <= 2.15
     pruned = copy.deepcopy(model)
     prune_channels(pruned, graph, found.plan)
     assert 2.0 <= prober.model_ms(model) / prober.model_ms(pruned) <= 2.2
