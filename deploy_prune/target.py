@@ -21,8 +21,8 @@
    10-25% short of its lookup-table prediction) and miss what they do not time (element-wise ops, layout
    reorders, fusions). So a point of the trajectory is built, exported and timed against the dense model in
    deploy-prune's own interleaved benchmark, a linear map from predicted to measured latency is refitted after
-   every probe, and the next probe is chosen with it inside the bracket of what was already measured (a
-   bisection on one global knob: the position along the trajectory) until the measured speedup is in
+   every probe, and the next probe is the unmeasured point it maps nearest the band's middle, inside the
+   bracket of what was already measured (a bisection on one global knob: the position along the trajectory) until the measured speedup is in
    ``[X, 1.1 X]`` (a probe that would end the search is timed again for longer (:data:`CONFIRM_SECONDS`) and judged on
    that longer timing, since the final benchmark measures it once more; when the probes run out first, the
    in-band probe about to be chosen is confirmed the same way, :data:`EDGE_CONFIRMS` at most). A target beyond
@@ -45,7 +45,7 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,9 +358,21 @@ class Calibration:
         (x0, y0), (x1, y1) = pts[k - 1], pts[k]
         return y0 + (y1 - y0) * (predicted - x0) / (x1 - x0)
 
-    def inverse(self, measured: float, candidates: list[float]) -> int:
-        """The first candidate (ascending predicted speedups) whose calibrated speedup reaches ``measured``."""
-        return next((i for i, c in enumerate(candidates) if self(c) >= measured), len(candidates) - 1)
+    def nearest(self, measured: float, candidates: list[float], lo: int = -1, hi: int | None = None,
+                skip: Container[int] = ()) -> int | None:
+        """The candidate strictly between positions ``lo`` and ``hi``, not in ``skip``, whose calibrated speedup
+        lies nearest ``measured`` (log ratio; the slower one on ties); None when there is none.
+
+        Nearest, not "the first to reach it": when the aim falls between the bracket's edge ``hi`` (measured too
+        fast) and its neighbour, the neighbour is the point to measure. Until 2026-12-03 the search took the
+        first point reaching the aim, which was ``hi`` itself, and fell back to the bracket's midpoint: ResNet-18
+        at 3x (step 8) measured its first probe at 3.33x, then spent six probes halving its way back up from
+        1.24x."""
+        hi = len(candidates) if hi is None else hi
+        inside = [j for j in range(lo + 1, hi) if j not in skip]
+        if not inside:
+            return None
+        return min(inside, key=lambda j: abs(math.log(max(self(candidates[j]), 1e-9) / measured)))
 
 
 Judge = Callable[[PrunePlan], float]
@@ -514,11 +526,10 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
         return meas2
 
     lo, hi = (0 if target.kind == "speedup" else -1), len(states)
-    while len(probes) < max_probes and hi - lo > 1:
-        i = cal.inverse(aim(), speed)
-        if i <= lo or i >= hi or i in plans:
-            i = (lo + hi) // 2
-        i = min(max(i, lo + 1), hi - 1)
+    while len(probes) < max_probes:
+        i = cal.nearest(aim(), speed, lo, hi, plans)
+        if i is None:  # the bracket is closed: adjacent points measured too slow and too fast
+            break
         plan = plans[i] = plan_from_roots(graph, choose(graph, criterion, states[i].counts))
         pruned = copy.deepcopy(model)
         prune_channels(pruned, graph, plan)
