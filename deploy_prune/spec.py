@@ -165,8 +165,8 @@ class PruneSpec:
         allocation: with a target, how the widths are shared out between layer groups: ``latency``
             (importance x MACs per measured ms), ``importance`` (importance per ms), ``uniform`` (the same
             fraction everywhere), or ``auto`` (with data: each is searched for the target and the most accurate
-            after BatchNorm re-estimation wins; without data: ``latency``, then the others as fallbacks while
-            no probe lands in the middle of the band).
+            after BatchNorm re-estimation wins; without data: ``latency``, then ``uniform``, then ``importance``
+            as fallbacks while no probe lands in the middle of the band).
     """
 
     criterion: str = "l1"
