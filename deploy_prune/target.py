@@ -22,9 +22,9 @@
    reorders, fusions). So a point of the trajectory is built, exported and timed against the dense model in
    deploy-prune's own interleaved benchmark, a linear map from predicted to measured latency is refitted after
    every probe, and the next probe is the unmeasured point it maps nearest the band's middle, inside the
-   bracket of what was already measured (a bisection on one global knob: the position along the trajectory) until the measured speedup is in
-   ``[X, 1.1 X]`` (a probe that would end the search is timed again for longer (:data:`CONFIRM_SECONDS`) and judged on
-   that longer timing, since the final benchmark measures it once more; when the probes run out first, the
+   bracket of what was already measured (a bisection on one global knob: the position along the trajectory)
+   until the measured speedup is in ``[X, 1.1 X]`` (a probe that would end the search is timed again for longer
+   (:data:`CONFIRM_SECONDS`) and judged on that longer timing, since the final benchmark measures it once more; when the probes run out first, the
    in-band probe about to be chosen is confirmed the same way, :data:`EDGE_CONFIRMS` at most). A target beyond
    the trajectory's end is refused with the best speedup it reached.
 4. **A choice among allocations** (``allocations`` and ``judge`` of :func:`search`, ``--allocation auto``):
@@ -214,8 +214,9 @@ ALLOCATIONS = {
 kept 0.99-1.73x the MACs of Torch-Pruning's uniform pruning at the same measured speed, and the two chosen on
 ``importance`` kept less: 0.85x (ResNet-18 at 3x, interpolated) and 0.75x (MobileNetV2 at 3x, a bundle that
 missed its band at 3.72x). Without the MAC factor, a channel of a compute-heavy layer costs as much importance
-as any other and saves more milliseconds, so that trajectory spends the speed-up there. ``uniform`` is Torch-Pruning's own allocation on the
-same measured search, so a fallback to it keeps about what Torch-Pruning keeps."""
+as any other and saves more milliseconds, so that trajectory spends the speed-up there. ``uniform`` is
+Torch-Pruning's own allocation on the same measured search, so a fallback to it keeps about what Torch-Pruning
+keeps."""
 
 
 def allocation_states(name: str, graph: DependencyGraph, scores: dict[int, torch.Tensor],
