@@ -24,8 +24,9 @@
    every probe, and the next probe is the unmeasured point it maps nearest the band's middle, inside the
    bracket of what was already measured (a bisection on one global knob: the position along the trajectory)
    until the measured speedup is in ``[X, 1.1 X]`` (a probe that would end the search is timed again for longer
-   (:data:`CONFIRM_SECONDS`) and judged on that longer timing, since the final benchmark measures it once more; when the probes run out first, the
-   in-band probe about to be chosen is confirmed the same way, :data:`EDGE_CONFIRMS` at most). A target beyond
+   (:data:`CONFIRM_SECONDS`) and judged on that longer timing, since the final benchmark measures it once more;
+   when the probes run out first, the in-band probe about to be chosen is confirmed the same way,
+   :data:`EDGE_CONFIRMS` at most). A target beyond
    the trajectory's end is refused with the best speedup it reached.
 4. **A choice among allocations** (``allocations`` and ``judge`` of :func:`search`, ``--allocation auto``):
    besides the trajectory above (``latency``), uniform pruning (``uniform``) and one without the MAC factor
