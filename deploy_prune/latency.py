@@ -75,6 +75,8 @@ class Site:
         act: the activation applied to the layer's output, timed with it: for a linear layer ``"gelu"``,
             ``"relu"``, ``"silu"`` or ``""``; for a conv (through its BatchNorm) ``"gelu"`` or ``"silu"``, which
             ONNX Runtime does not fuse into the conv, else ``""`` (timed as a fused ReLU).
+        group_width: for a grouped conv pruned by whole groups, the channels per group: its group count is
+            its width divided by this (0: the group count stays ``groups``).
     """
 
     name: str
@@ -94,6 +96,7 @@ class Site:
     out_counts: tuple[tuple[int, int], ...] = ()
     calls: int = 1
     act: str = ""
+    group_width: int = 0
 
     @property
     def in_channels(self) -> int:
@@ -103,7 +106,7 @@ class Site:
         """What the measured time depends on, besides the widths (the cache key)."""
         return (f"{self.op}|in={'x'.join(map(str, self.in_shape))}|out={self.out_channels}|k={self.kernel}"
                 f"|s={self.stride}|p={self.padding}|d={self.dilation}|g={self.groups}|dw={int(self.depthwise)}"
-                f"|b={int(self.bias)}|a={self.act}")
+                f"|b={int(self.bias)}|a={self.act}" + (f"|gw={self.group_width}" if self.group_width else ""))
 
     def groups_touched(self) -> set[int]:
         return {g for g, _ in self.in_counts} | {g for g, _ in self.out_counts}
@@ -112,9 +115,14 @@ class Site:
         """(input width, output width) when group ``g`` keeps the fraction ``frac[g]`` (1 when absent)."""
         cin = self.in_fixed + sum(c * frac.get(g, 1.0) for g, c in self.in_counts)
         cout = self.out_fixed + sum(c * frac.get(g, 1.0) for g, c in self.out_counts)
-        if self.depthwise:
+        if self.tied:
             cout = cin
         return cin, cout
+
+    @property
+    def tied(self) -> bool:
+        """Input and output widths shrink together (a depthwise conv, or a conv losing whole groups)."""
+        return self.depthwise or self.group_width > 0
 
     def macs(self) -> int:
         """Multiply-accumulates of the dense call (as :func:`deploy_prune.metrics.count_macs` counts them)."""
@@ -126,7 +134,9 @@ class Site:
         return self.in_shape[0] * math.prod(spatial) * self.out_channels * per_out * self.calls
 
     def align(self) -> int:
-        """Widths must stay multiples of this (a grouped conv keeps its group count)."""
+        """Widths must stay multiples of this (a grouped conv keeps its group count, or its group width)."""
+        if self.group_width:
+            return self.group_width
         return self.groups if (self.op == "conv" and self.groups > 1 and not self.depthwise) else 1
 
 
@@ -177,7 +187,7 @@ def sites(graph: DependencyGraph, batch: int) -> list[Site]:
     group_of = {ch.root: g.id for g in graph.groups for ch in g.channels}
     reads: dict[str, list[int]] = {}
     for c in graph.consumers:
-        if c.role in ("in", "grouped", "dw") and c.name not in reads:
+        if c.role in ("in", "grouped", "groups", "dw") and c.name not in reads:
             reads[c.name] = graph.el.roots(c.labels).tolist()
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.gm.graph.nodes:
@@ -207,9 +217,11 @@ def sites(graph: DependencyGraph, batch: int) -> list[Site]:
                 (d * (k - 1)) // 2 if m.padding == "same" else 0 for k, d in zip(m.kernel_size, m.dilation))
             dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
             act = _activation(nodes[0], graph.model, through_bn=True)
+            whole = any(c.name == name and c.role == "groups" for c in graph.consumers)
             out.append(Site(op="conv", out_channels=m.out_channels, kernel=tuple(m.kernel_size),
                             stride=tuple(m.stride), padding=tuple(pad), dilation=tuple(m.dilation), groups=m.groups,
-                            depthwise=dw, act=act if act in _UNFUSED else "", **common))
+                            depthwise=dw, act=act if act in _UNFUSED else "",
+                            group_width=m.in_channels // m.groups if whole else 0, **common))
         else:
             out.append(Site(op="linear", out_channels=m.out_features, act=_activation(nodes[0], graph.model),
                             **common))
@@ -229,8 +241,8 @@ def layer_model(site: Site, cin: int, cout: int) -> bytes:
     shape = list(site.in_shape)
     inits = []
     if site.op == "conv":
-        groups = cin if site.depthwise else site.groups
-        if site.depthwise:
+        groups = cin if site.depthwise else (cin // site.group_width if site.group_width else site.groups)
+        if site.tied:
             cout = cin
         shape[1] = cin
         w = rng.standard_normal((cout, cin // groups, *site.kernel), dtype=np.float32) * 0.05
@@ -502,7 +514,7 @@ def _grid(site: Site, step: int) -> tuple[list[int], list[int]]:
         cin, cout = site.widths(frac)
         cins.add(_round_width(cin, step, site.align(), int(full_in)))
         couts.add(_round_width(cout, step, site.align(), int(full_out)))
-    if site.depthwise:
+    if site.tied:
         couts = set(cins)
     return sorted(cins), sorted(couts)
 
@@ -516,7 +528,7 @@ def build(graph: DependencyGraph, batch: int, timer: Timer, cache: TableCache, s
     for s in all_sites:
         cins, couts = _grid(s, step)
         grids[s.name] = (cins, couts)
-        pairs = [(c, c) for c in cins] if s.depthwise else [(a, b) for a in cins for b in couts]
+        pairs = [(c, c) for c in cins] if s.tied else [(a, b) for a in cins for b in couts]
         todo += [(s, a, b) for a, b in pairs]
     measured = reused = 0
     values: dict[tuple[str, int, int], float] = {}
@@ -535,7 +547,7 @@ def build(graph: DependencyGraph, batch: int, timer: Timer, cache: TableCache, s
     tables = {}
     for s in all_sites:
         cins, couts = grids[s.name]
-        if s.depthwise:
+        if s.tied:
             z = np.array([[values[(s.name, a, a)] for _ in [0]] for a in cins])
             tables[s.name] = _DepthwiseTable(cins, [cins[-1]], z)
         else:
@@ -545,7 +557,7 @@ def build(graph: DependencyGraph, batch: int, timer: Timer, cache: TableCache, s
 
 
 class _DepthwiseTable(Table):
-    """A depthwise conv's time depends on one width."""
+    """A depthwise conv's time, or that of a conv losing whole groups, depends on one width."""
 
     def __call__(self, cin: float, cout: float) -> float:
         i, j, t = _interp1(self.cins, cin)

@@ -21,6 +21,7 @@ from deploy_prune.errors import UnsupportedModel
 from deploy_prune.export import export_onnx, parity
 from deploy_prune.spec import PrunePlan
 from deploy_prune.surgery import PlanConfig, analyze, prune_channels, replay, roots_from_plan, select
+from deploy_prune.surgery.graph import WHOLE_GROUPS_UP_TO
 
 
 @pytest.fixture(autouse=True)
@@ -325,8 +326,9 @@ def _trained_stats(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _removed(model: nn.Module, ratio: float, seed: int = 0, round_to: int = 1) -> tuple[object, PrunePlan]:
-    graph = analyze(model, SHAPE)
+def _removed(model: nn.Module, ratio: float, seed: int = 0, round_to: int = 1,
+             whole_groups_up_to: int = WHOLE_GROUPS_UP_TO) -> tuple[object, PrunePlan]:
+    graph = analyze(model, SHAPE, whole_groups_up_to=whole_groups_up_to)
     crit = create("random")
     crit.prepare(model, graph, ScoreContext(seed=seed))
     return graph, select(graph, crit, PlanConfig(ratio=ratio, round_to=round_to))
@@ -461,7 +463,7 @@ def test_group_norm_keeps_a_multiple_of_its_groups() -> None:
 
 def test_grouped_conv_keeps_its_groups_and_prunes_the_same_positions_in_each() -> None:
     model = _trained_stats(DepthwiseGrouped())
-    graph, removed = _removed(model, 0.5)
+    graph, removed = _removed(model, 0.5, whole_groups_up_to=0)  # 4 channels per group: pruned by positions
     assert "grouped" not in graph.skipped
     assert "output" in graph.skipped["head.2"]
     prune_channels(model, graph, removed)
@@ -588,9 +590,33 @@ def test_kept_count_rounds_channels_and_group_widths() -> None:
     assert kept_count(8, 0.5, cfg, per_class=13, grouped=True) == 8  # one 8-wide block per group: untouched
 
 
+def test_narrow_grouped_conv_loses_whole_groups_and_keeps_its_output() -> None:
+    # 4 channels per group, at most WHOLE_GROUPS_UP_TO: each conv group is one class (its 4 inputs and 4 outputs)
+    model = _trained_stats(DepthwiseGrouped())
+    graph, removed = _removed(model, 0.5)
+    group = next(g for g in graph.groups if "grouped" in g.modules)
+    assert not group.grouped and group.size == 4 and group.channels_per_class == 4
+    assert "stem.0" in group.modules  # the producer of the grouped conv's input goes with it, group by group
+    _silence(model, graph, removed)
+    x = torch.randn(4, *SHAPE[1:])
+    with torch.no_grad():
+        before = model(x)
+    prune_channels(model, graph, removed)
+    conv = model.grouped
+    assert conv.groups == 2 and conv.in_channels == conv.out_channels == 8
+    assert conv.weight.shape == (8, 4, 3, 3)  # each group keeps its width
+    kept = dict(removed.kept)
+    # the kept outputs are whole groups (channel 4G + j of group G), and the kept inputs are the same groups
+    out_groups = {k // 4 for k in kept["grouped"]}
+    assert sorted(kept["grouped"]) == [4 * G + j for G in sorted(out_groups) for j in range(4)]
+    assert {k // 4 for k in kept["stem.0"]} == out_groups
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+
+
 def test_grouped_conv_keeps_round_to_channels_per_group() -> None:
     model = _trained_stats(DepthwiseGrouped())
-    graph = analyze(model, SHAPE)
+    graph = analyze(model, SHAPE, whole_groups_up_to=0)
     group = next(g for g in graph.groups if "grouped" in g.modules)
     assert group.grouped and group.channels_per_class == 4
     crit = create("random")

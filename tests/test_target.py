@@ -494,6 +494,25 @@ def test_sites_know_which_groups_set_their_widths() -> None:
     assert sites["a.0"].macs() == 4 * 16 * 16 * 64 * 64 * 9
 
 
+def test_a_conv_losing_whole_groups_is_timed_at_its_group_width_with_fewer_groups() -> None:
+    import numpy as np
+
+    # RegNet-X's bottleneck: 1x1, then a 3x3 grouped conv with 4 channels per group (pruned by whole groups)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1)).eval()
+    graph = analyze(model, (1, 3, 8, 8))
+    site = {s.name: s for s in latency.sites(graph, 1)}["3"]
+    assert site.group_width == 4 and site.tied and site.align() == 4
+    assert site.widths({g: 0.5 for g in site.groups_touched()}) == (8.0, 8.0)  # in and out are the same groups
+    assert site.config() != dataclasses.replace(site, group_width=0).config()  # its own cache entry
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 8), dtype=np.float32)
+    ops, w, got = _run_layer(site, 8, 8, x)  # two groups of 4, not four groups of 2
+    assert w["w"].shape == (8, 4, 3, 3)
+    want = torch.relu(nn.functional.conv2d(torch.from_numpy(x), w["w"], padding=1, groups=2))
+    assert np.allclose(got, want.numpy(), atol=1e-4)
+
+
 class Mlp(nn.Module):
     """A transformer-style MLP on tokens: fc1 -> GELU -> fc2, then a ReLU-ed head."""
 

@@ -68,6 +68,10 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, plan: PrunePlan) ->
             else:
                 _slice(m, "weight", k, 1)
                 m.in_channels = len(k)
+        elif role == "groups":  # whole groups go: the weight keeps its group width, the group count drops
+            width = m.in_channels // m.groups
+            m.in_channels = len(k)
+            m.groups = len(k) // width
         elif role == "grouped":
             # every group keeps the same relative positions (graph.py couples them): slice by group 0's
             width = m.in_channels // m.groups

@@ -32,6 +32,9 @@ from deploy_prune.errors import UnsupportedModel, is_out_of_memory, opt, out_of_
 from deploy_prune.surgery.groups import Channel, Group, build_groups
 from deploy_prune.surgery.ops import CONV, NORM
 from deploy_prune.surgery.propagate import Consumer, Param, Propagator, ReluSite
+
+WHOLE_GROUPS_UP_TO = 16
+"""A grouped conv with at most this many channels per group is pruned by whole groups (:func:`analyze`)."""
 from deploy_prune.surgery.sizes import SizeSite
 from deploy_prune.surgery.unionfind import Elements
 
@@ -111,6 +114,7 @@ class DependencyGraph:
         self.groups: list[Group] = []
         self.skipped: dict[str, str] = {}  # producer module -> why none of its channels can be pruned
         self.order: list[str] = []  # producer modules in graph order
+        self.whole_groups_up_to = WHOLE_GROUPS_UP_TO  # grouped convs this narrow per group lose whole groups
 
     # ---- queries used by criteria and the planner ----
 
@@ -125,6 +129,8 @@ class DependencyGraph:
             if c.name == name and c.role == "grouped":  # the weight's dim 1 holds group 0's positions
                 m = self.module(name)
                 return self.el.roots(c.labels[: m.in_channels // m.groups])
+            if c.name == name and c.role == "groups":  # dim 1 differs per group; a group goes with its inputs
+                return None
         return None
 
     def layer_widths(self) -> dict[str, int]:
@@ -148,13 +154,16 @@ class DependencyGraph:
 
 
 def analyze(model: nn.Module, example: torch.Tensor | tuple[int, ...], *,
-            ignore: Iterable[str] = ()) -> DependencyGraph:
+            ignore: Iterable[str] = (), whole_groups_up_to: int = WHOLE_GROUPS_UP_TO) -> DependencyGraph:
     """Trace ``model`` and find every group of coupled, prunable channels.
 
     Args:
         model: the network (it is not modified; it is put in eval mode).
         example: an example input, or its shape (batch 1 is enough).
         ignore: producer layers (qualified names, or prefixes ending in '.') never to prune.
+        whole_groups_up_to: a grouped conv with at most this many channels per group (the same in and out)
+            is pruned by whole groups; a wider one keeps its group count and loses the same positions in
+            every group. 0 prunes every grouped conv by positions.
     """
     model.eval()
     x = example if isinstance(example, torch.Tensor) else torch.randn(*example)
@@ -170,6 +179,7 @@ def analyze(model: nn.Module, example: torch.Tensor | tuple[int, ...], *,
             f"{str(exc).splitlines()[0][:300]}; pass the shape it expects with {opt('input_shape')}"
         ) from None
     g = DependencyGraph(model, gm, tuple(x.shape))
+    g.whole_groups_up_to = whole_groups_up_to
     Propagator(g).run(x)
     ignore = tuple(ignore)
     for name, ids in g.producer_ids.items():

@@ -112,7 +112,8 @@ def build_groups(g: DependencyGraph) -> None:
                                  if isinstance(g.model.get_submodule(c.name), nn.GroupNorm)}
     # classes read by, or written by, a grouped conv (its relative positions are coupled across groups)
     grouped_roots = {r for c in g.consumers if c.role == "grouped" for r in el.roots(c.labels).tolist()}
-    grouped_mods = {n for n in g.order if isinstance(g.model.get_submodule(n), CONV)
+    whole = {c.name for c in g.consumers if c.role == "groups"}  # pruned by whole groups: rounded as usual
+    grouped_mods = {n for n in g.order if isinstance(g.model.get_submodule(n), CONV) and n not in whole
                     and 1 < g.model.get_submodule(n).groups < g.model.get_submodule(n).in_channels}
     # producer modules tied together through shared classes
     parent = {m: m for m in g.order}

@@ -44,7 +44,8 @@ class Consumer:
     """A module reading labelled positions along ``dim`` of its input (conv/linear input, norm, depthwise)."""
 
     name: str
-    role: str  # "in" (conv/linear input), "norm", "dw" (depthwise), "grouped" (grouped conv input)
+    role: str  # "in" (conv/linear input), "norm", "dw" (depthwise), "grouped" (grouped conv input, positions
+    # coupled across groups), "groups" (grouped conv input pruned by whole groups)
     labels: torch.Tensor  # 1-D: element id at each position along dim
 
 
@@ -325,6 +326,18 @@ class Propagator(fx.Interpreter):
             vec = self._read(name, "dw", x, 1)
             return along(vec, 1, shape)
         w_in, w_out = m.in_channels // m.groups, m.out_channels // m.groups
+        if 1 < w_in == w_out <= self.g.whole_groups_up_to:
+            # A grouped conv with narrow groups (RegNet-X-400MF: 16 channels each) loses whole groups: group j's
+            # inputs and outputs form one class, so the conv keeps its group width and its group count drops.
+            # Narrowing each group instead buys little time on ONNX Runtime's CPU kernels: RegNet-X-400MF's
+            # grouped convs at 8 channels per group ran at 0.74-0.96x their dense time for a quarter of the
+            # MACs, at half their groups 0.56-0.70x for half (benchmarks/grouped_conv.py, docs/latency-target.md).
+            vec = self._read(name, "groups", x, 1).reshape(m.groups, w_in)
+            out = self._produce(name, m.out_channels, 1)
+            ids = self.g.producer_ids[name].reshape(m.groups, w_out)
+            row = torch.cat([vec, ids], dim=1)  # [groups, w_in + w_out]
+            self.el.union_pairs(row[:, :1].expand(-1, row.shape[1] - 1).reshape(-1), row[:, 1:].reshape(-1))
+            return out
         if w_in > 1:
             # A grouped conv (ResNeXt, RegNet) stays valid when every group keeps the same number of input and
             # of output channels. Coupling the channel at relative position j of every group guarantees that
