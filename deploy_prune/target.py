@@ -65,7 +65,7 @@ BAND = TARGET_BAND  # the measured speedup must land in [X, BAND * X]
 AIM = 1.05  # probes aim at the middle of the band
 MAX_PROBES = 8
 FALLBACK_PROBES = 4  # per fallback allocation (see search)
-EDGE_MACS = 0.9  # without a judge, an in-band probe outside the inner half counts this share of its MACs
+FINAL_NOISE = 0.03  # spread (std of the log ratio) of the final benchmark's speedup around a confirmed probe's
 EDGE_CONFIRMS = 2  # per trajectory: in-band probes outside the inner half timed again before one is chosen
 CONFIRM_SECONDS = 15.0
 """How long (in all) the second timing runs of a probe that landed in the band's inner half, or of the fastest
@@ -416,8 +416,9 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
     steps fall elsewhere, is searched too (at most ``FALLBACK_PROBES`` probes each, aimed with what the first
     search measured), until one lands in the inner band. Each trajectory offers its probe in the band nearest
     the middle, timed a second time for longer where it is not in the inner band. The winner is the probe in
-    the band keeping the most MACs, where a probe in the band's outer quarters counts 90% of its MACs; else the
-    one meeting the target nearest the band (:func:`_unjudged_rank`).
+    the band keeping the most MACs, each probe's MACs weighed by its chance of staying in the band when the final
+    benchmark measures again (:func:`stays_in_band`); else the one meeting the target nearest the band
+    (:func:`_unjudged_rank`).
 
     Raises:
         TargetUnreachable: even the trajectory's end (every group at the planner's limits) is too slow.
@@ -479,11 +480,12 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                          "and the classifier refit; in-band probes first, then those meeting the target"
                          if judge is not None else
                          "no data to judge by: the first allocation, and the next ones only while none had a "
-                         "probe in the band's inner half; in the band first, there the most MACs kept (a probe "
-                         "outside the band's inner half counting 90% of its MACs), then meeting the target "
-                         "nearest the band, the earlier allocation on ties",
+                         "probe in the band's inner half; in the band first, there the most MACs kept times the "
+                         "chance of staying in the band in the final benchmark, then meeting the target nearest "
+                         "the band, the earlier allocation on ties",
             "candidates": [{"allocation": d.allocation, "measured": round(d.chosen.measured, 4),
-                            "macs": d.chosen.macs, "score": None if d.score is None else round(d.score, 2),
+                            "macs": d.chosen.macs, "stays_in_band": round(stays_in_band(target, d.chosen.measured), 3),
+                            "score": None if d.score is None else round(d.score, 2),
                             "probes": len(d.probes)} for d in done]
                           + [{"allocation": a, "unreachable": True} for a in unreachable]}
     chosen = best.states[best.chosen.index].counts
@@ -599,17 +601,30 @@ def _in_band(target: Target, value: float, inner: bool = False) -> int:
     return -1 if value > target.value / lo else (1 if value < target.value / hi else 0)
 
 
+def stays_in_band(target: Target, measured: float, noise: float = FINAL_NOISE) -> float:
+    """The chance that the final benchmark measures a probe measured at ``measured`` in the band again, when its
+    log speedup (or latency) scatters around the probe's with standard deviation ``noise`` (a normal model)."""
+    lo, hi = (target.value, BAND * target.value) if target.kind == "speedup" else (target.value / BAND,
+                                                                                  target.value)
+
+    def below(edge: float) -> float:
+        return 0.5 * (1.0 + math.erf(math.log(edge / measured) / (noise * math.sqrt(2.0))))
+
+    return max(0.0, below(hi) - below(lo))
+
+
 def _unjudged_rank(target: Target, probe: Probe, order: int) -> tuple[Any, ...]:
     """How allocations' chosen probes compare without a judge (higher wins): in the band first, and there the
-    most MACs kept, a probe outside the band's inner half counting :data:`EDGE_MACS` of its MACs (it may leave
-    the band when the final benchmark measures again); then meeting the target nearest the band; then the
-    earlier allocation (``order``). MACs stand in for accuracy: at equal speed, the allocation that keeps more
-    compute keeps more of the network (a ConvNeXt-T run at 3x found a fallback's inner-band probe keeping 428M
-    MACs against 540M for the latency-aware probe at the band's edge)."""
+    most MACs expected to stay in the band, its MACs times :func:`stays_in_band`; then meeting the target
+    nearest the band; then the earlier allocation (``order``). MACs stand in for accuracy: at equal speed, the
+    allocation that keeps more compute keeps more of the network (a ConvNeXt-T run at 3x found a fallback's
+    inner-band probe keeping 428M MACs against 540M for the latency-aware probe at the band's edge). The chance
+    weighs a probe at the band's very edge down: until 2026-12-04 one outside the band's inner half counted 90%
+    of its MACs however close to the edge it was, and ResNet-18 at 3x kept a probe confirmed at 3.002x over
+    one at 3.11x with 17% fewer MACs; the final benchmark measured 2.85x."""
     side = _in_band(target, probe.measured)
     if side == 0:
-        inner = _in_band(target, probe.measured, inner=True) == 0
-        return (2, probe.macs * (1.0 if inner else EDGE_MACS), order)
+        return (2, probe.macs * stays_in_band(target, probe.measured), order)
     return (int(side > 0), -_miss(target, probe.measured), order)
 
 

@@ -405,12 +405,27 @@ def test_without_a_judge_the_band_then_the_macs_kept_decide_between_allocations(
     # in the band beats outside it, however many MACs the outside one keeps
     assert best(probe(2.3, 900), probe(2.18, 500)) == 1
     assert best(probe(1.95, 900), probe(2.18, 500)) == 1
-    # in the band: the most MACs, a probe at the band's edge (2.01x) counting 90% of its MACs
-    assert best(probe(2.01, 1000), probe(2.10, 800)) == 0  # 900 > 800: the edge probe keeps clearly more
-    assert best(probe(2.01, 1000), probe(2.10, 950)) == 1  # 900 < 950: the inner-half probe is safer
+    # in the band: the most MACs times the chance of staying in [2, 2.2] when measured again (log-normal, 3%):
+    # 2.01x stays with 0.566, 2.04x with 0.739, 2.10x with 0.888
+    assert best(probe(2.01, 1000), probe(2.10, 800)) == 1  # 566 < 710: at the very edge, a coin toss
+    assert best(probe(2.04, 1000), probe(2.10, 800)) == 0  # 739 > 710
+    assert best(probe(2.04, 1000), probe(2.10, 850)) == 1  # 739 < 755
     # outside the band: meeting the target nearest the band, then the earlier allocation
     assert best(probe(1.9, 900), probe(2.5, 500), probe(2.3, 400)) == 2
     assert best(probe(2.1, 700), probe(2.1, 700)) == 0
+
+
+def test_the_chance_of_staying_in_the_band_follows_a_log_normal_spread() -> None:
+    from statistics import NormalDist
+
+    from deploy_prune.target import FINAL_NOISE, stays_in_band
+
+    x, spread = Target("speedup", 2.0), NormalDist(0.0, FINAL_NOISE)
+    assert stays_in_band(x, 2.0) == pytest.approx(spread.cdf(math.log(1.1)) - 0.5)  # at the edge: under half
+    assert stays_in_band(x, 2.1) == pytest.approx(spread.cdf(math.log(2.2 / 2.1)) - spread.cdf(math.log(2 / 2.1)))
+    assert stays_in_band(x, 2.1) > 0.88 and stays_in_band(x, 2.5) < 1e-3
+    # a latency target's band is [value / 1.1, value] in ms: the same chance at the mirrored point
+    assert stays_in_band(Target("latency_ms", 10.0), 10.0 / 2.1 * 2.0) == pytest.approx(stays_in_band(x, 2.1))
 
 
 def criteria_scores(graph, crit):
