@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -606,11 +607,8 @@ def stays_in_band(target: Target, measured: float, noise: float = FINAL_NOISE) -
     log speedup (or latency) scatters around the probe's with standard deviation ``noise`` (a normal model)."""
     lo, hi = (target.value, BAND * target.value) if target.kind == "speedup" else (target.value / BAND,
                                                                                   target.value)
-
-    def below(edge: float) -> float:
-        return 0.5 * (1.0 + math.erf(math.log(edge / measured) / (noise * math.sqrt(2.0))))
-
-    return max(0.0, below(hi) - below(lo))
+    spread = NormalDist(0.0, noise)
+    return max(0.0, spread.cdf(math.log(hi / measured)) - spread.cdf(math.log(lo / measured)))
 
 
 def _unjudged_rank(target: Target, probe: Probe, order: int) -> tuple[Any, ...]:
