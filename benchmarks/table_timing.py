@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from deploy_prune import bench, latency
-from deploy_prune.bench import make_runner
+from deploy_prune.bench import make_runner, make_session
 from deploy_prune.loading import build_arch, load_model
 from deploy_prune.surgery import analyze
 
@@ -33,18 +33,8 @@ def kernels_ms(timer: latency.Timer, model: bytes, shape: tuple[int, ...]) -> fl
     the layout reorders (``ReorderInput`` / ``ReorderOutput``)."""
     import numpy as np
 
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:  # the benchmark's session options (bench.make_session), profiled
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = timer.threads or bench.default_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "p")
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:  # the benchmark's session options, with the profiler on
+        session = make_session(model, timer.provider, timer.threads, profile_prefix=str(Path(tmp) / "p"))
         run = make_runner(session, np.random.default_rng(0).standard_normal(shape, dtype=np.float32),
                           "CPUExecutionProvider")
         for _ in range(3 + timer.repeats):

@@ -217,6 +217,7 @@ def make_session(
     threads: int | None = None,
     *,
     cuda_options: Mapping[str, str] | None = None,
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
     """Create an ONNX Runtime session with the benchmark's fixed options.
 
@@ -230,6 +231,8 @@ def make_session(
         provider: ``"auto"``, ``"cpu"``, ``"cuda"`` or a full provider name (see :func:`resolve_provider`).
         threads: intra-op threads; ``None`` means :func:`default_threads`.
         cuda_options: extra CUDA provider options, merged over the defaults.
+        profile_prefix: turn ONNX Runtime's profiler on, writing its JSON to this path prefix
+            (``benchmarks/table_timing.py`` reads per-kernel times from it).
 
     Returns:
         The session; ``session.get_providers()[0]`` is the provider requested.
@@ -251,6 +254,9 @@ def make_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if ep == CUDA:
         opts = {"cudnn_conv_algo_search": "HEURISTIC", **dict(cuda_options or {})}
         providers: list[Any] = [(CUDA, opts), CPU]

@@ -98,6 +98,21 @@ def test_make_session_options(models: dict[str, Path]) -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_make_session_can_profile_each_kernel(models: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    session = make_session(models["dense"], "cpu", threads=1, profile_prefix=str(tmp_path / "prof"))
+    x = np.zeros([d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape], dtype=np.float32)
+    for _ in range(3):
+        session.run(None, {session.get_inputs()[0].name: x})
+    path = Path(session.end_profiling())
+    assert path.parent == tmp_path and path.name.startswith("prof")
+    kernels = [e for e in json.loads(path.read_text()) if e.get("cat") == "Node"
+               and e["name"].endswith("_kernel_time")]
+    assert kernels and all(e["dur"] >= 0 and e["args"]["op_name"] for e in kernels)
+    assert not make_session(models["dense"], "cpu", threads=1).get_session_options().enable_profiling
+
+
 def test_make_session_missing_file(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="no such ONNX file"):
         make_session(tmp_path / "nope.onnx", "cpu")
