@@ -60,7 +60,8 @@ OLD_RECIPE = ["--no-distill", "--bn-recalib-batches", "0", "--optimizer", "adam"
               "--lr-schedule", "constant", "--warmup-epochs", "0"]
 LOCK = "/tmp/deploy-prune-bench.lock"
 ALLOCATIONS = ("latency", "importance", "uniform", "auto")
-RECIPES = {"default": [], "no_bn": ["--bn-recalib-batches", "0"], "no_distill": ["--no-distill"]}
+RECIPES = {"default": [], "no_bn": ["--bn-recalib-batches", "0"], "no_distill": ["--no-distill"],
+           "alpha_0.9": ["--distill-alpha", "0.9"]}
 
 
 LOCK_WAIT_S = [None]  # --lock-wait: give up waiting after this many seconds and run anyway (recorded)
