@@ -10,7 +10,8 @@ layer" failure). By default no layer loses more than half its channels in one st
 then passes over a capped layer's channels and takes the next-lowest gammas elsewhere, so the global quota is
 still met. Without the cap, the gammas of a model that was not sparsity-trained from scratch decide by layer
 scale rather than channel importance: on ``mnist_cnn`` every gamma of the last layer exceeds every gamma of
-the other four, and the threshold cut those four to 8 channels (91.9% vs 97.1% dense; docs/criteria.md).
+the other four, and the threshold cut those four to 8 channels (91.9% vs 97.1% dense with the weights
+shipped before 2026-12-04; with the converged ones the uncapped widths are the same; docs/criteria.md).
 
 * Several BatchNorms on one channel (a residual stage: every block's last BN and the shortcut's BN scale the
   same channel): the score is the **max** of their ``|gamma|``, so a channel is pruned only when every path
