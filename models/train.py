@@ -17,8 +17,8 @@ import torch
 
 from deploy_prune.data import load_data
 from deploy_prune.models import get
-from deploy_prune.train import evaluate, train
-from deploy_prune.train.recipe import lr_factor, make_optimizer
+from deploy_prune.spec import TrainSpec
+from deploy_prune.train import Trainer, evaluate
 
 
 def main() -> None:
@@ -30,10 +30,9 @@ def main() -> None:
     entry = get("mnist_cnn")
     model = entry.build()
     data = load_data("mnist5k", batch_size=64, seed=0)
-    lr, weight_decay = 2e-3, 0.05
-    train(model, data.train, epochs=args.epochs, lr=lr, desc="train mnist_cnn", seed=0,
-          optimizer=lambda m: make_optimizer(m, "adamw", lr, weight_decay),
-          lr_schedule=lambda step, total: lr_factor(step, total, warmup=total // 20))
+    # the product's finetuning recipe (AdamW, no decay on BatchNorm/bias, warm-up + cosine), without a teacher
+    spec = TrainSpec(epochs=args.epochs, lr=2e-3, weight_decay=0.05, warmup_epochs=args.epochs / 20)
+    Trainer(data, spec, seed=0).finetune(model, "train mnist_cnn")
     acc = evaluate(model, data.val)
     torch.save(model.state_dict(), args.out)
     print(f"val accuracy {acc:.2f}% -> {args.out}")
