@@ -399,20 +399,49 @@ def test_without_a_judge_the_band_then_the_macs_kept_decide_between_allocations(
     def probe(measured: float, macs: int) -> Probe:
         return Probe(0, macs, measured, measured, 10.0, 10.0 / measured, measured)
 
+    def best_of(target: Target, *probes: Probe) -> int:
+        return max(range(len(probes)), key=lambda i: _unjudged_rank(target, probes[i], -i))
+
     def best(*probes: Probe) -> int:
-        return max(range(len(probes)), key=lambda i: _unjudged_rank(x, probes[i], -i))
+        return best_of(x, *probes)
 
     # in the band beats outside it, however many MACs the outside one keeps
     assert best(probe(2.3, 900), probe(2.18, 500)) == 1
     assert best(probe(1.95, 900), probe(2.18, 500)) == 1
-    # in the band: the most MACs times the chance of staying in [2, 2.2] when measured again (log-normal, 3%):
-    # 2.01x stays with 0.566, 2.04x with 0.739, 2.10x with 0.888
-    assert best(probe(2.01, 1000), probe(2.10, 800)) == 1  # 566 < 710: at the very edge, a coin toss
-    assert best(probe(2.04, 1000), probe(2.10, 800)) == 0  # 739 > 710
-    assert best(probe(2.04, 1000), probe(2.10, 850)) == 1  # 739 < 755
+    # in the band: the MACs times the chance of staying in [2, 2.2] when measured again (log-normal, 3%), the
+    # chance counted as 1 from 0.8: 2.01x stays with 0.565, 2.04x with 0.739, 2.10x with 0.888, 2.18x with 0.618
+    assert best(probe(2.01, 1000), probe(2.10, 800)) == 1  # 1000 * 0.565 / 0.8 = 706 < 800: a coin toss
+    assert best(probe(2.01, 1000), probe(2.10, 700)) == 0  # 706 > 700
+    assert best(probe(2.04, 1000), probe(2.10, 900)) == 0  # 924 > 900
+    assert best(probe(2.04, 1000), probe(2.10, 950)) == 1  # 924 < 950
+    assert best(probe(2.08, 1000), probe(2.10, 999)) == 0  # both sure: the MACs (2.08x stays with 0.86)
+    assert best(probe(2.18, 1000), probe(2.10, 750)) == 0  # 772 > 750
+    assert best(probe(2.18, 1000), probe(2.10, 800)) == 1  # 772 < 800
+    # ResNet-18 at 1.5x on 2026-12-04: 1,138M at 1.624x (0.70) and 1,071M at 1.535x (0.77) over 941M at 1.570x
+    assert best_of(Target("speedup", 1.5), probe(1.6238, 1138), probe(1.5353, 1071), probe(1.5704, 941)) == 1
+    # ResNet-18 at 3x: not 536M at 3.002x (0.51) over 446M at 3.11x (0.87)
+    assert best_of(Target("speedup", 3.0), probe(3.002, 536), probe(3.114, 446)) == 1
     # outside the band: meeting the target nearest the band, then the earlier allocation
     assert best(probe(1.9, 900), probe(2.5, 500), probe(2.3, 400)) == 2
     assert best(probe(2.1, 700), probe(2.1, 700)) == 0
+
+
+def test_with_a_judge_in_band_probes_likely_to_stay_there_come_first_then_the_score() -> None:
+    from deploy_prune.target import Probe, _judged_rank
+
+    x = Target("speedup", 3.0)
+
+    def best(*cands: tuple[float, float]) -> int:
+        return max(range(len(cands)), key=lambda i: _judged_rank(
+            x, Probe(0, 100, cands[i][0], cands[i][0], 10.0, 10.0 / cands[i][0], cands[i][0]), cands[i][1], -i))
+
+    # the digits at 3x: 94.06 at 3.018x (chance 0.58) against 93.75 at 3.09x (0.83)
+    assert best((3.0184, 94.06), (3.0945, 93.75)) == 1
+    assert best((3.10, 93.0), (3.15, 94.0)) == 1  # both likely: the score
+    assert best((3.01, 93.0), (3.005, 94.0)) == 1  # both at the edge: the score
+    assert best((2.95, 99.0), (3.01, 50.0)) == 1  # in the band before outside it
+    assert best((2.95, 99.0), (3.5, 50.0), (2.9, 99.5)) == 1  # then meeting the target
+    assert best((3.1, 90.0), (3.1, 90.0)) == 0  # then the earlier allocation
 
 
 def test_the_chance_of_staying_in_the_band_follows_a_log_normal_spread() -> None:
