@@ -119,8 +119,8 @@ def _run_template(
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,
-    lr: Annotated[Optional[float], typer.Option(help="Finetune base learning rate (default 1e-3 for adamw and "
-                                                     "adam, 1e-2 for sgd).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Finetune base learning rate (default 2e-3 for adamw, 1e-3 "
+                                                     "for adam, 1e-2 for sgd).")] = None,
     optimizer: Annotated[str, typer.Option(help="Finetune optimizer: adamw (decoupled weight decay), adam, or sgd "
                                                 "(momentum 0.9). Weight decay never applies to biases or norm "
                                                 "parameters.")] = "adamw",

@@ -248,7 +248,7 @@ class TrainSpec:
 
     Attributes:
         epochs: finetune epochs after pruning (per step of ``--steps``).
-        lr: base learning rate; None = the optimizer's default (1e-3 for adamw/adam, 1e-2 for sgd).
+        lr: base learning rate; None = the optimizer's default (2e-3 for adamw, 1e-3 for adam, 1e-2 for sgd).
         batch_size: for finetuning, evaluation and BatchNorm re-estimation.
         optimizer: ``adamw``, ``adam`` or ``sgd`` (momentum 0.9).
         weight_decay: on conv/linear weights only; None = the optimizer's default (1e-2 / 0 / 1e-4).
