@@ -281,7 +281,10 @@ def main() -> None:
                                                         + sys.argv[1:])
         if args.json:
             args.json.write_text(json.dumps(doc, indent=1))
-        print(markdown(doc["rows"], doc["env"], doc["command"], doc.get("started", "?")))
+        text = markdown(doc["rows"], doc["env"], doc["command"], doc.get("started", "?"))
+        if args.out:
+            args.out.write_text(text)
+        print(text)
         return
 
     if args.from_json:
