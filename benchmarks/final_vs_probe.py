@@ -31,10 +31,11 @@ def main() -> None:
     ap.add_argument("--replay", action="store_true",
                     help="replay the current allocation choice rule on each run's stored candidates")
     args = ap.parse_args()
+    paths = sorted({p for pat in args.patterns for p in glob.glob(pat)})
     if args.replay:
-        return replay(sorted({p for pat in args.patterns for p in glob.glob(pat)}))
+        return replay(paths)
     logs = []
-    for path in sorted({p for pat in args.patterns for p in glob.glob(pat)}):
+    for path in paths:
         target = json.loads(Path(path).read_text()).get("target")
         if not target or target.get("kind") != "speedup" or target.get("chosen_probe") is None:
             continue

@@ -20,12 +20,10 @@ from deploy_prune.spec import TrainSpec
 from deploy_prune.train.bn import calibration_loader, recalibrate_bn
 from deploy_prune.train.headfit import refit_heads
 from deploy_prune.train.loop import evaluate, finetune, train
-from deploy_prune.train.recipe import DEFAULT_LR as _LRS, DEFAULT_WEIGHT_DECAY, Recipe, distillation_loss, \
+from deploy_prune.train.recipe import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Recipe, distillation_loss, \
     lr_factor, make_optimizer
 
 __all__ = ["Trainer", "evaluate", "finetune", "recalibrate_bn", "train"]
-
-DEFAULT_LR = _LRS["adam"]
 
 
 @dataclass
@@ -61,7 +59,7 @@ class Trainer:
     def recipe(self) -> Recipe:
         """The finetuning settings, with the optimizer's default LR and weight decay filled in."""
         s = self.spec
-        return Recipe(optimizer=s.optimizer, lr=s.lr if s.lr is not None else _LRS[s.optimizer],
+        return Recipe(optimizer=s.optimizer, lr=s.lr if s.lr is not None else DEFAULT_LR[s.optimizer],
                       weight_decay=s.weight_decay if s.weight_decay is not None else DEFAULT_WEIGHT_DECAY[s.optimizer],
                       schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs, distill=self.distilling,
                       temperature=s.distill_temperature, alpha=s.distill_alpha)
