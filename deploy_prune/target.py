@@ -36,7 +36,8 @@
    28x28 digits CNN at 3x), uniform pruning kept far more accuracy than the MAC-weighted allocation. Without
    data to judge by, the other allocations are fallbacks, in that order: searched only when the latency-aware
    trajectory has no point in the middle of the band (one channel step can cross a kernel block and jump past
-   it).
+   it); a search that ran out of probes with points still unmeasured next to the band is resumed before another
+   trajectory's in-band point keeping fewer MACs wins.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ BAND = TARGET_BAND  # the measured speedup must land in [X, BAND * X]
 AIM = 1.05  # probes aim at the middle of the band
 MAX_PROBES = 8
 FALLBACK_PROBES = 4  # per fallback allocation (see search)
+RESUME_PROBES = 2  # without a judge: more probes for an open bracket keeping more MACs than the winner (see search)
+RESUME_GAIN = 1.05  # ... when even its faster edge keeps this many times the winner's MACs
 STAY_FLOOR = 0.6  # with a judge: in-band candidates less likely than this to stay in the band come last
 STAY_SURE = 0.8  # without a judge: a candidate's MACs count times its chance of staying in the band, up to this
 FINAL_NOISE = 0.03  # spread (std of the log ratio) of the final benchmark's speedup around a confirmed probe's
@@ -248,6 +251,7 @@ class Probe:
     predicted_speedup_raw: float  # the latency tables' own prediction, uncalibrated
     allocation: str = "latency"  # the trajectory it lies on (a key of ALLOCATIONS)
     repeats: tuple[float, ...] = ()  # when timed twice: (first, confirming); ``measured`` is the confirming one
+    seq: int = 0  # when it was measured, counted across allocations from 0 (the report lists probes in this order)
 
     def to_json(self) -> dict[str, Any]:
         out = {"macs": self.macs, "predicted": round(self.predicted, 4), "measured": round(self.measured, 4),
@@ -424,7 +428,10 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
     the middle, timed a second time for longer where it is not in the inner band. The winner is the probe in
     the band keeping the most MACs, each probe's MACs weighed by its chance of staying in the band when the final
     benchmark measures again (:func:`stays_in_band`), a chance of :data:`STAY_SURE` or more counting as sure;
-    else the one meeting the target nearest the band (:func:`_unjudged_rank`).
+    else the one meeting the target nearest the band (:func:`_unjudged_rank`). Before that winner is taken, a
+    search that stopped with unmeasured points between its probes either side of the band's middle is resumed
+    for :data:`RESUME_PROBES` more when those points keep :data:`RESUME_GAIN` times the winner's MACs or more, or
+    when the winner misses the band (:func:`_resume`).
 
     Raises:
         TargetUnreachable: even the trajectory's end (every group at the planner's limits) is too slow.
@@ -460,6 +467,8 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                 if not done:  # every trajectory ends at the same widths (each group at the planner's limit)
                     raise
                 unreachable.append(name)
+    if judge is None:
+        _resume(done, model, graph, criterion, cfg, target, shape, prober, say)
     if judge is not None and len(allocations) > 1:
         for d in done:
             d.score = judge(d.plans[d.chosen.index])
@@ -468,7 +477,7 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
         best = max(done, key=lambda d: _judged_rank(target, d.chosen, d.score or 0.0, -done.index(d)))
     else:
         best = max(done, key=lambda d: _unjudged_rank(target, d.chosen, -done.index(d)))
-    probes = [p for d in done for p in d.probes]
+    probes = sorted((p for d in done for p in d.probes), key=lambda p: p.seq)
     errors = [abs(p.predicted_speedup_raw - p.dense_ms / p.probe_ms) / (p.dense_ms / p.probe_ms) for p in probes]
     info: dict[str, Any] = {
         "round_to": cfg.round_to, "allocation": ALLOCATIONS[best.allocation],
@@ -488,7 +497,10 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                          "no data to judge by: the first allocation, and the next ones only while none had a "
                          "probe in the band's inner half; in the band first, there the most MACs kept times the "
                          "chance of staying in the band in the final benchmark (counted as sure from "
-                         f"{STAY_SURE}), then meeting the target nearest the band, the earlier allocation on ties",
+                         f"{STAY_SURE}), then meeting the target nearest the band, the earlier allocation on ties; "
+                         "before that, a search stopped with unmeasured points between its probes either side of "
+                         f"the band's middle gets {RESUME_PROBES} more probes when those points keep "
+                         f"{RESUME_GAIN:g}x the winner's MACs or the winner misses the band",
             "candidates": [{"allocation": d.allocation, "measured": round(d.chosen.measured, 4),
                             "macs": d.chosen.macs, "stays_in_band": round(stays_in_band(target, d.chosen.measured), 3),
                             "score": None if d.score is None else round(d.score, 2),
@@ -499,20 +511,50 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                  best.plans[best.chosen.index], target, probes, probes.index(best.chosen), info)
 
 
+def _resume(done: list[_Searched], model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig,
+            target: Target, shape: tuple[int, ...], prober: Prober, say: Callable[[str], None]) -> None:
+    """Without a judge: before the winner is taken, a search that ran out of probes with its bracket still open
+    gets :data:`RESUME_PROBES` more when the winner misses the band, or when even the bracket's faster edge keeps
+    :data:`RESUME_GAIN` times the winner's MACs. ``done`` is updated in place.
+
+    ResNet-18 at 3x (step 8, 2026-12-04 evening): the latency-aware trajectory jumped from 2.62x to 3.47x in one
+    step; uniform pruning, its fallback, measured 2.99x at 502M MACs and 3.39x at 477M, two points apart, when its
+    four probes ran out; the ``importance`` trajectory then landed in the band at 3.16x keeping 348M, and won,
+    0.68x the MACs of Torch-Pruning's uniform pruning at that speed."""
+    best = max(done, key=lambda d: _unjudged_rank(target, d.chosen, -done.index(d)))
+    missed = _in_band(target, best.chosen.measured) != 0
+    for k, d in enumerate(list(done)):
+        bracket = _open_bracket(target, d)
+        if bracket is None:
+            continue
+        edge = next(p for p in d.probes if p.index == bracket[1])
+        if not missed and (d is best or edge.macs < RESUME_GAIN * best.chosen.macs):
+            continue
+        say(f"the {d.allocation} search stopped with points {bracket[0]} and {bracket[1]} of its trajectory "
+            f"bracketing the band's middle ({edge.macs / 1e6:.0f}M MACs or more), against {best.chosen.macs / 1e6:.0f}M "
+            f"at {best.chosen.measured:.3g} for the best so far: measuring between them")
+        done[k] = _search_states(model, graph, criterion, cfg, target, shape, d.states, prober, say, d.allocation,
+                                 len(d.probes) + RESUME_PROBES, first=sum(len(x.probes) for x in done), prior=d)
+
+
 def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig, target: Target,
                    shape: tuple[int, ...], states: list[State], prober: Prober, say: Callable[[str], None],
                    allocation: str, max_probes: int = MAX_PROBES,
-                   borrowed: tuple[float, float] | None = None, first: int = 0) -> _Searched:
+                   borrowed: tuple[float, float] | None = None, first: int = 0,
+                   prior: _Searched | None = None) -> _Searched:
     """The measured bisection along one trajectory (see the module docstring); ``borrowed`` is a (table
     speedup, measured speedup) point from another trajectory's search that aims the first probe; ``first`` is
-    how many probes earlier allocations measured (progress lines number probes as the report does)."""
+    how many probes were measured before (progress lines number probes as the report does); ``prior`` is an
+    earlier search of these ``states`` to resume: its probes calibrate the map and narrow the bracket, and count
+    towards ``max_probes``."""
     from deploy_prune.metrics import count_macs
 
     dense_pred = states[0].predicted_ms
     speed = [dense_pred / s.predicted_ms for s in states]  # the tables' predicted speedup, ascending
     cal = Calibration(borrowed)
-    probes: list[Probe] = []
-    plans: dict[int, PrunePlan] = {}
+    probes: list[Probe] = list(prior.probes) if prior is not None else []
+    plans: dict[int, PrunePlan] = dict(prior.plans) if prior is not None else {}
+    start = len(probes)
     unit = "x" if target.kind == "speedup" else " ms"
 
     def aim() -> float:
@@ -531,11 +573,13 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
         cal.add(speed[p.index], dense2 / probe2)  # the better measurement of this point aims what follows
         probes[k] = dataclasses.replace(p, measured=meas2, repeats=(p.measured, meas2), dense_ms=dense2,
                                         probe_ms=probe2)
-        say(f"probe {first + k + 1} timed again, for longer: {meas2:.3g}{unit} "
+        say(f"probe {p.seq + 1} timed again, for longer: {meas2:.3g}{unit} "
             f"(first timing {p.measured:.3g}{unit})")
         return meas2
 
-    lo, hi = (0 if target.kind == "speedup" else -1), len(states)
+    for p in probes:  # a resumed search
+        cal.add(speed[p.index], p.dense_ms / p.probe_ms)
+    lo, hi = _bracket(target, probes, 0 if target.kind == "speedup" else -1, len(states))
     while len(probes) < max_probes:
         i = cal.nearest(aim(), speed, lo, hi, plans)
         if i is None:  # the bracket is closed: adjacent points measured too slow and too fast
@@ -550,8 +594,9 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             pred, meas = predicted_speedup, dense_ms / probe_ms
         else:
             pred, meas = dense_ms / predicted_speedup, probe_ms
-        probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i], allocation))
-        say(f"probe {first + len(probes)} ({allocation}): predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
+        probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i], allocation,
+                            seq=first + len(probes) - start))
+        say(f"probe {first + len(probes) - start} ({allocation}): predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
             f"(target {target.value:g}{unit})")
         side = _in_band(target, meas)
         accept = side == 0 and _in_band(target, meas, inner=True) == 0
@@ -565,8 +610,7 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             side = _in_band(target, meas)
             if side == 0 and _in_band(target, meas, inner=True) == 0:
                 break
-        faster = meas > AIM * target.value if target.kind == "speedup" else meas < target.value / AIM
-        if side > 0 or (side == 0 and faster):
+        if _above_aim(target, meas):
             hi = i
         else:
             lo = i
@@ -583,7 +627,7 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
     # edge on one short timing (EfficientNet-B0 at 3x: chosen at 3.04x, the final benchmark measured 2.91x).
     # Confirm it the same way before it can win; if it leaves the band, the next one in the band is confirmed.
     # ``pruned`` still holds the model of probe ``held`` (its file exported): reused rather than built again.
-    held = len(probes) - 1
+    held = len(probes) - 1 if len(probes) > start else -1
     for _ in range(EDGE_CONFIRMS):
         pick = _pick(target, probes)
         if pick.repeats or _in_band(target, pick.measured) != 0:
@@ -594,6 +638,27 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             prune_channels(pruned, graph, plans[pick.index])
         confirm(pruned, k)
     return _Searched(allocation, states, probes, plans, _pick(target, probes))
+
+
+def _above_aim(target: Target, measured: float) -> bool:
+    """Faster than the band's middle: the bracket's upper edge (the trajectory's later points are faster still)."""
+    side = _in_band(target, measured)
+    faster = measured > AIM * target.value if target.kind == "speedup" else measured < target.value / AIM
+    return side > 0 or (side == 0 and faster)
+
+
+def _bracket(target: Target, probes: list[Probe], lo: int, hi: int) -> tuple[int, int]:
+    """The trajectory positions ``(slow, fast)`` that bracket the aim after ``probes``: the earliest probe faster
+    than the aim (else ``hi``, past the trajectory's end) and the latest probe before it (else ``lo``)."""
+    hi = min([p.index for p in probes if _above_aim(target, p.measured)] + [hi])
+    return max([p.index for p in probes if p.index < hi] + [lo]), hi
+
+
+def _open_bracket(target: Target, searched: _Searched) -> tuple[int, int] | None:
+    """A search's bracket (:func:`_bracket`) when a probe measured its faster edge and points between its edges
+    are still unmeasured; else None."""
+    lo, hi = _bracket(target, searched.probes, 0, len(searched.states))
+    return (lo, hi) if hi < len(searched.states) and hi - lo > 1 else None
 
 
 def _in_band(target: Target, value: float, inner: bool = False) -> int:

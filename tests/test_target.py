@@ -391,6 +391,50 @@ def test_without_a_judge_a_trajectory_that_jumps_past_the_band_falls_back_to_the
     assert {p.allocation for p in plain.probes} == {"latency"} and "allocation_choice" not in plain.info
 
 
+def test_without_a_judge_an_open_bracket_keeping_more_macs_is_measured_before_the_winner_is_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ResNet-18 at 3x on 2026-12-04: a fallback ran out of probes two points short of the band, and a trajectory
+    keeping 0.7x its MACs won. Here the latency-aware search gets 3 probes and its first one measures 10% fast:
+    it stops with one point unmeasured between 1.98x and 2.33x; uniform pruning, its fallback, lands in the band
+    keeping fewer MACs."""
+    import copy
+
+    from deploy_prune import target as tgt
+    from deploy_prune.surgery import prune_channels
+
+    model, graph, crit, _ = _setup()
+    monkeypatch.setattr(tgt, "MAX_PROBES", 3)
+    cfg, x = PlanConfig(ratio=0.0, round_to=2), Target("speedup", 2.0)
+
+    def run(resume: int):
+        monkeypatch.setattr(tgt, "RESUME_PROBES", resume)
+        prober = NoisyProber(graph, [0.9])
+        prober.dense = model
+        lines: list[str] = []
+        return search(model, graph, crit, cfg, x, SHAPE, prober=prober, allocations=tuple(ALLOCATIONS),
+                      say=lines.append), lines, prober
+
+    before, _, _ = run(0)
+    assert before.probes[before.chosen].allocation == "uniform"
+    uniform_macs = before.probes[before.chosen].macs
+    first = [p.index for p in before.probes if p.allocation == "latency"]
+    assert len(first) == 3 and max(first) - sorted(first)[1] == 2  # one point left between the edges
+
+    found, lines, prober = run(2)
+    assert [p.allocation for p in found.probes][:4] == ["latency"] * 3 + ["uniform"]
+    resumed = found.probes[4:]
+    assert resumed and all(p.allocation == "latency" and p.index not in first for p in resumed)
+    assert any("stopped with points" in ln for ln in lines)
+    # progress lines number the probes as the report lists them, the resumed ones last
+    numbered = [ln.split(":")[0] for ln in lines if ln.startswith("probe ") and "timed again" not in ln]
+    assert numbered == [f"probe {n} ({p.allocation})" for n, p in enumerate(found.probes, 1)]
+    chosen = found.probes[found.chosen]
+    assert chosen.allocation == "latency" and chosen.macs > 1.05 * uniform_macs
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, found.plan)
+    assert 2.0 <= prober.model_ms(model) / prober.model_ms(pruned) <= 2.2  # the fake device, without noise
+
+
 def test_without_a_judge_the_band_then_the_macs_kept_decide_between_allocations() -> None:
     from deploy_prune.target import Probe, _unjudged_rank
 
