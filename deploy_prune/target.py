@@ -467,8 +467,8 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                 if not done:  # every trajectory ends at the same widths (each group at the planner's limit)
                     raise
                 unreachable.append(name)
-    if judge is None:
-        _resume(done, model, graph, criterion, cfg, target, shape, prober, say)
+        if judge is None:  # inside the ``with``: the probes' files live in ``tmp``
+            _resume(done, model, graph, criterion, cfg, target, shape, prober, say)
     if judge is not None and len(allocations) > 1:
         for d in done:
             d.score = judge(d.plans[d.chosen.index])

@@ -435,6 +435,38 @@ def test_without_a_judge_an_open_bracket_keeping_more_macs_is_measured_before_th
     assert 2.0 <= prober.model_ms(model) / prober.model_ms(pruned) <= 2.2  # the fake device, without noise
 
 
+def test_a_resumed_search_exports_and_runs_its_probes_while_the_search_holds_their_folder(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The scenario above through ``search``'s own ONNX Runtime prober: every probe is exported and run by ONNX
+    Runtime in the search's temporary folder; the latencies returned are the fake device's, so that the search
+    takes the same path every time. (The first version resumed after that folder was gone: RegNet-X-400MF at
+    3x stopped with FileNotFoundError on its probe file.)"""
+    from deploy_prune import target as tgt
+    from deploy_prune.target import Measure, OrtProber
+
+    model, graph, crit, _ = _setup()
+    device = NoisyProber(graph, [0.9])
+    device.dense = model
+    monkeypatch.setattr(tgt, "MAX_PROBES", 3)
+    real_time = OrtProber.time
+    files: list[Path] = []
+
+    def time(self: OrtProber, pruned: nn.Module, confirm: bool = False) -> tuple[float, float]:
+        dense_ms, probe_ms = real_time(self, pruned, confirm)  # exported and run on ONNX Runtime
+        assert dense_ms > 0 and probe_ms > 0 and self.latest is not None and self.latest[1].exists()
+        files.append(self.latest[1])
+        return device.time(pruned, confirm)
+
+    monkeypatch.setattr(OrtProber, "tables", lambda self, g, batch, step: device.tables(g, batch, step))
+    monkeypatch.setattr(OrtProber, "time", time)
+    measure = Measure("cpu", 1, iters=3, progress=False, cache_dir=tmp_path, min_seconds=0.0, confirm_seconds=0.05)
+    found = search(model, graph, crit, PlanConfig(ratio=0.0, round_to=2), Target("speedup", 2.0), SHAPE,
+                   measure=measure, allocations=tuple(ALLOCATIONS))
+    assert [p.allocation for p in found.probes][:4] == ["latency"] * 3 + ["uniform"]
+    assert found.probes[found.chosen].allocation == "latency" and found.chosen >= 4  # a resumed probe won
+    assert len(files) >= len(found.probes) and not any(f.exists() for f in files)  # and the folder is gone
+
+
 def test_without_a_judge_the_band_then_the_macs_kept_decide_between_allocations() -> None:
     from deploy_prune.target import Probe, _unjudged_rank
 
