@@ -531,7 +531,8 @@ def _resume(done: list[_Searched], model: nn.Module, graph: DependencyGraph, cri
         if not missed and (d is best or edge.macs < RESUME_GAIN * best.chosen.macs):
             continue
         say(f"the {d.allocation} search stopped with points {bracket[0]} and {bracket[1]} of its trajectory "
-            f"bracketing the band's middle ({edge.macs / 1e6:.0f}M MACs or more), against {best.chosen.macs / 1e6:.0f}M "
+            f"bracketing the band's middle ({edge.macs / 1e6:.0f}M MACs or more), against "
+            f"{best.chosen.macs / 1e6:.0f}M "
             f"at {best.chosen.measured:.3g} for the best so far: measuring between them")
         done[k] = _search_states(model, graph, criterion, cfg, target, shape, d.states, prober, say, d.allocation,
                                  len(d.probes) + RESUME_PROBES, first=sum(len(x.probes) for x in done), prior=d)
@@ -596,7 +597,8 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             pred, meas = dense_ms / predicted_speedup, probe_ms
         probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i], allocation,
                             seq=first + len(probes) - start))
-        say(f"probe {first + len(probes) - start} ({allocation}): predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
+        say(f"probe {first + len(probes) - start} ({allocation}): predicted {pred:.3g}{unit}, "
+            f"measured {meas:.3g}{unit} "
             f"(target {target.value:g}{unit})")
         side = _in_band(target, meas)
         accept = side == 0 and _in_band(target, meas, inner=True) == 0
