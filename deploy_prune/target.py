@@ -532,8 +532,7 @@ def _resume(done: list[_Searched], model: nn.Module, graph: DependencyGraph, cri
             continue
         say(f"the {d.allocation} search stopped with points {bracket[0]} and {bracket[1]} of its trajectory "
             f"bracketing the band's middle ({edge.macs / 1e6:.0f}M MACs or more), against "
-            f"{best.chosen.macs / 1e6:.0f}M "
-            f"at {best.chosen.measured:.3g} for the best so far: measuring between them")
+            f"{best.chosen.macs / 1e6:.0f}M at {best.chosen.measured:.3g} for the best so far: measuring between them")
         done[k] = _search_states(model, graph, criterion, cfg, target, shape, d.states, prober, say, d.allocation,
                                  len(d.probes) + RESUME_PROBES, first=sum(len(x.probes) for x in done), prior=d)
 
@@ -580,7 +579,8 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
 
     for p in probes:  # a resumed search
         cal.add(speed[p.index], p.dense_ms / p.probe_ms)
-    lo, hi = _bracket(target, probes, 0 if target.kind == "speedup" else -1, len(states))
+    lo0 = _before_first(target)
+    lo, hi = _bracket(target, probes, lo0, len(states))
     while len(probes) < max_probes:
         i = cal.nearest(aim(), speed, lo, hi, plans)
         if i is None:  # the bracket is closed: adjacent points measured too slow and too fast
@@ -595,10 +595,10 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             pred, meas = predicted_speedup, dense_ms / probe_ms
         else:
             pred, meas = dense_ms / predicted_speedup, probe_ms
-        probes.append(Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i], allocation,
-                            seq=first + len(probes) - start))
-        say(f"probe {first + len(probes) - start} ({allocation}): predicted {pred:.3g}{unit}, "
-            f"measured {meas:.3g}{unit} "
+        probe = Probe(i, count_macs(pruned, shape), pred, meas, dense_ms, probe_ms, speed[i], allocation,
+                      seq=first + len(probes) - start)
+        probes.append(probe)
+        say(f"probe {probe.seq + 1} ({allocation}): predicted {pred:.3g}{unit}, measured {meas:.3g}{unit} "
             f"(target {target.value:g}{unit})")
         side = _in_band(target, meas)
         accept = side == 0 and _in_band(target, meas, inner=True) == 0
@@ -612,19 +612,16 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             side = _in_band(target, meas)
             if side == 0 and _in_band(target, meas, inner=True) == 0:
                 break
-        if _above_aim(target, meas):
-            hi = i
-        else:
-            lo = i
-            if side < 0 and i == len(states) - 1:
-                what = f"speedup {meas:.2f}x" if target.kind == "speedup" else f"latency {meas:.3g} ms"
-                raise TargetUnreachable(
-                    f"the target {target.value:g}{unit} cannot be reached: the fastest model the planner "
-                    f"allows measured {what} (every layer group at {opt('max_layer_ratio')} "
-                    f"{cfg.max_layer_ratio:g} or at one step of {cfg.round_to} channels); ask for less, or "
-                    f"raise {opt('max_layer_ratio')}"
-                    + (f", or lower {opt('round_to')} (a step of {cfg.round_to} keeps at least that many channels "
-                       "per layer)" if cfg.round_to > 8 else ""))
+        lo, hi = _bracket(target, probes, lo0, len(states))
+        if side < 0 and i == len(states) - 1:
+            what = f"speedup {meas:.2f}x" if target.kind == "speedup" else f"latency {meas:.3g} ms"
+            raise TargetUnreachable(
+                f"the target {target.value:g}{unit} cannot be reached: the fastest model the planner "
+                f"allows measured {what} (every layer group at {opt('max_layer_ratio')} "
+                f"{cfg.max_layer_ratio:g} or at one step of {cfg.round_to} channels); ask for less, or "
+                f"raise {opt('max_layer_ratio')}"
+                + (f", or lower {opt('round_to')} (a step of {cfg.round_to} keeps at least that many channels "
+                   "per layer)" if cfg.round_to > 8 else ""))
     # The probes ran out without one in the inner band: the one this trajectory offers may sit at the band's
     # edge on one short timing (EfficientNet-B0 at 3x: chosen at 3.04x, the final benchmark measured 2.91x).
     # Confirm it the same way before it can win; if it leaves the band, the next one in the band is confirmed.
@@ -649,6 +646,12 @@ def _above_aim(target: Target, measured: float) -> bool:
     return side > 0 or (side == 0 and faster)
 
 
+def _before_first(target: Target) -> int:
+    """The bracket's slow edge before any probe: the dense model (position 0) for a speedup, which is 1x and so
+    too slow; for a latency, nothing (the dense model may already be fast enough)."""
+    return 0 if target.kind == "speedup" else -1
+
+
 def _bracket(target: Target, probes: list[Probe], lo: int, hi: int) -> tuple[int, int]:
     """The trajectory positions ``(slow, fast)`` that bracket the aim after ``probes``: the earliest probe faster
     than the aim (else ``hi``, past the trajectory's end) and the latest probe before it (else ``lo``)."""
@@ -659,7 +662,7 @@ def _bracket(target: Target, probes: list[Probe], lo: int, hi: int) -> tuple[int
 def _open_bracket(target: Target, searched: _Searched) -> tuple[int, int] | None:
     """A search's bracket (:func:`_bracket`) when a probe measured its faster edge and points between its edges
     are still unmeasured; else None."""
-    lo, hi = _bracket(target, searched.probes, 0, len(searched.states))
+    lo, hi = _bracket(target, searched.probes, _before_first(target), len(searched.states))
     return (lo, hi) if hi < len(searched.states) and hi - lo > 1 else None
 
 
