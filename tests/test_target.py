@@ -602,6 +602,27 @@ def test_latency_tables_are_measured_once_then_read_from_the_cache(tmp_path: Pat
     assert other.path != latency.TableCache(env, tmp_path).path and not other.tables
 
 
+def test_the_tables_time_the_narrowest_width_the_planner_allows_instead_of_extrapolating_to_it() -> None:
+    """Below its grid a table extrapolates linearly from its two narrowest points, and a layer's time is not
+    linear at small widths; so every site's grid reaches down to the narrowest width the planner's defaults allow
+    for its group (before, the grid stopped at a quarter and the planner went down to a tenth)."""
+    graph = analyze(Net().eval(), SHAPE)
+    cfg = PlanConfig(ratio=0.0, round_to=16)  # the planner's default floor: max_layer_ratio 0.9
+    groups = {g.id: g for g in graph.groups}
+    checked = 0
+    for s in latency.sites(graph, 1):
+        cins, couts = latency._grid(s, 16)
+        for counts, widths in ((s.in_counts, cins), (s.out_counts, couts)):
+            if len(counts) != 1:
+                continue  # the image or the classes: fixed
+            (gid, channels), = counts
+            g = groups[gid]
+            narrowest = allowed_counts(g, cfg)[0] * channels // g.size
+            assert min(widths) <= narrowest < channels, (s.name, widths, narrowest)
+            checked += 1
+    assert checked >= 7
+
+
 def test_sites_know_which_groups_set_their_widths() -> None:
     graph = analyze(Net().eval(), SHAPE)
     sites = {s.name: s for s in latency.sites(graph, 4)}
