@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-from deploy_prune import bench, criteria, latency
+from deploy_prune import bench, latency
 from deploy_prune.export import export_onnx
-from deploy_prune.loading import build_arch
 from deploy_prune.metrics import count_macs
-from deploy_prune.surgery import PlanConfig, analyze, choose, comparable_scores, plan_from_roots
-from deploy_prune.surgery.apply import prune_channels
-from deploy_prune.target import Measure, allowed_counts, trajectory
+from deploy_prune.surgery import comparable_scores
+from deploy_prune.target import allowed_counts, trajectory
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compare_torch_pruning as C  # noqa: E402
+import table_grid as T  # noqa: E402
 
 
 def site_macs(lat: latency.LatencyModel, graph, counts: dict[int, int]) -> float:
@@ -108,23 +107,14 @@ def main() -> None:
     ap.add_argument("--scales-from", type=Path, help="reuse the per-group scales of an earlier --json")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.input_shape.split("x"))
-    model, _ = build_arch(f"torchvision:{args.model}")
-    model.eval()
-    graph = analyze(model, shape)
-    crit = criteria.create("l1")
-    crit.prepare(model, graph, criteria.ScoreContext())
-    cfg = PlanConfig(ratio=0.0, round_to=args.step)
-    measure = Measure("cpu", args.threads)
+    model, graph, crit, cfg, measure = T.prepared(args.model, shape, args.step, args.threads)
     lat = latency.build(graph, shape[0], measure.timer(), measure.cache(), args.step)
     tmp = Path(tempfile.mkdtemp(prefix="group-correction-"))
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
     def export(counts: dict[int, int], name: str) -> tuple[Path, int]:
-        pruned = copy.deepcopy(model)
-        prune_channels(pruned, graph, plan_from_roots(graph, choose(graph, crit, counts)))
         path = tmp / f"{name}.onnx"
-        export_onnx(pruned, path, example)
-        return path, count_macs(pruned, shape)
+        return path, T.export_counts(model, graph, crit, counts, path, example, shape)
 
     export_onnx(model, tmp / "dense.onnx", example)
     if args.scales_from:
@@ -132,7 +122,7 @@ def main() -> None:
         dense_ms: list[float] = []
     else:
         old = latency.build(graph, shape[0], measure.timer(), measure.cache(), args.step,
-                            fractions=(0.25, 0.5, 1.0))
+                            fractions=T.OLD)
         scale, dense_ms = measure_scales(graph, cfg, lat, old, shape, args.threads, export, tmp)
     corrected = Scaled(lat.sites, lat.tables, lat.step)
     corrected.scale = scale

@@ -23,6 +23,7 @@ import math
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,14 +40,28 @@ NEW = latency._GRID_FRACTIONS
 GOALS = (1.5, 2.0, 3.0)
 
 
-def one(name: str, shape: tuple[int, ...], step: int, threads: int, repeats: int) -> list[dict]:
+def prepared(name: str, shape: tuple[int, ...], step: int, threads: int) -> tuple[Any, ...]:
+    """A torchvision model as the product sees it: (model, graph, L1 criterion, search config, measure)."""
     model, _ = build_arch(f"torchvision:{name}")
     model.eval()
     graph = analyze(model, shape)
     crit = criteria.create("l1")
     crit.prepare(model, graph, criteria.ScoreContext())
-    cfg = PlanConfig(ratio=0.0, round_to=step)
-    measure = Measure("cpu", threads)
+    return model, graph, crit, PlanConfig(ratio=0.0, round_to=step), Measure("cpu", threads)
+
+
+def export_counts(model: Any, graph: Any, crit: Any, counts: dict[int, int], path: Path, example: torch.Tensor,
+                  shape: tuple[int, ...]) -> int:
+    """Prune a copy of ``model`` to ``counts`` kept classes per group, as a probe of the search is, export it to
+    ``path``; returns its MACs."""
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, plan_from_roots(graph, choose(graph, crit, counts)))
+    export_onnx(pruned, path, example)
+    return count_macs(pruned, shape)
+
+
+def one(name: str, shape: tuple[int, ...], step: int, threads: int, repeats: int) -> list[dict]:
+    model, graph, crit, cfg, measure = prepared(name, shape, step, threads)
     tables = {g: latency.build(graph, shape[0], measure.timer(), measure.cache(), step, fractions=f)
               for g, f in (("old", OLD), ("new", NEW))}
     full = {g.id: 1.0 for g in graph.groups}
@@ -67,11 +82,8 @@ def one(name: str, shape: tuple[int, ...], step: int, threads: int, repeats: int
     paths = {"dense": tmp / "dense.onnx"}
     export_onnx(model, paths["dense"], example)
     for i, p in enumerate(points):
-        pruned = copy.deepcopy(model)
-        prune_channels(pruned, graph, plan_from_roots(graph, choose(graph, crit, p["counts"])))
-        p["macs"] = count_macs(pruned, shape)
         paths[f"p{i}"] = tmp / f"p{i}.onnx"
-        export_onnx(pruned, paths[f"p{i}"], example)
+        p["macs"] = export_counts(model, graph, crit, p["counts"], paths[f"p{i}"], example, shape)
     for _ in range(repeats):
         res = bench.benchmark(paths, shape, provider="cpu", threads=threads, iters=40, progress=False,
                               min_seconds=3.0)
