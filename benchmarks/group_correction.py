@@ -94,6 +94,51 @@ def measure_scales(graph, cfg, lat, old, shape, threads, export, tmp):
     return scale, dense_ms
 
 
+def time_points(model, graph, crit, lat, trajectories: dict, shape: tuple[int, ...], args, tmp: Path,
+                example: torch.Tensor) -> list[dict]:
+    """Points of each trajectory in the ``args.macs`` range (``args.points`` each) and Torch-Pruning's uniform L1
+    at ``args.tp_ratios``, timed with the dense model (``tmp/dense.onnx``) in one interleaved run, three times;
+    prints and returns MACs against measured speedup per point."""
+
+    def export(counts: dict[int, int], name: str) -> tuple[Path, int]:
+        path = tmp / f"{name}.onnx"
+        return path, T.export_counts(model, graph, crit, counts, path, example, shape)
+
+    # 2. points of both trajectories and Torch-Pruning's, in one interleaved run
+    # each trajectory's own predicted speedup is compressed differently: the points span the same MACs range
+    paths = {"dense": tmp / "dense.onnx"}
+    macs: dict[str, int] = {}
+    for name, states in trajectories.items():
+        lo, hi = (float(v) * 1e6 for v in args.macs.split(","))
+        cand = [i for i, s in enumerate(states) if lo <= site_macs(lat, graph, s.counts) <= hi]
+        pick = sorted({cand[round(k * (len(cand) - 1) / max(1, args.points - 1))]
+                       for k in range(args.points)}) if cand else []
+        for i in pick:
+            key = f"{name}-{i}"
+            paths[key], macs[key] = export(states[i].counts, key)
+    for r in (float(v) for v in args.tp_ratios.split(",") if v):
+        t = copy.deepcopy(model)
+        C.prune_tp(t, shape, r, args.step)
+        key = f"tp-{r}"
+        paths[key] = tmp / f"{key}.onnx"
+        export_onnx(t, paths[key], example)
+        macs[key] = count_macs(t, shape)
+    speed: dict[str, list[float]] = {k: [] for k in macs}
+    for _ in range(3):
+        res = bench.benchmark(paths, shape, provider="cpu", threads=args.threads, iters=40, progress=False,
+                              min_seconds=3.0)
+        d = res.stats["dense"].p50
+        for k in macs:
+            speed[k].append(d / res.stats[k].p50)
+    print("point | MACs | measured speedup (each run) | median")
+    rows = []
+    for k in sorted(macs, key=lambda k: statistics.median(speed[k])):
+        med = statistics.median(speed[k])
+        rows.append({"point": k, "macs": macs[k], "speedups": speed[k], "median": med})
+        print(f"{k} | {macs[k] / 1e6:.1f}M | {', '.join(f'{v:.3f}' for v in speed[k])} | {med:.3f}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="regnet_x_400mf")
@@ -130,38 +175,7 @@ def main() -> None:
     trajectories = {"tables": trajectory(graph, scores, lat, cfg),
                     "corrected": trajectory(graph, scores, corrected, cfg)}
 
-    # 2. points of both trajectories and Torch-Pruning's, in one interleaved run
-    # each trajectory's own predicted speedup is compressed differently: the points span the same MACs range
-    paths = {"dense": tmp / "dense.onnx"}
-    macs: dict[str, int] = {}
-    for name, states in trajectories.items():
-        lo, hi = (float(v) * 1e6 for v in args.macs.split(","))
-        cand = [i for i, s in enumerate(states) if lo <= site_macs(lat, graph, s.counts) <= hi]
-        pick = sorted({cand[round(k * (len(cand) - 1) / max(1, args.points - 1))]
-                       for k in range(args.points)}) if cand else []
-        for i in pick:
-            key = f"{name}-{i}"
-            paths[key], macs[key] = export(states[i].counts, key)
-    for r in (float(v) for v in args.tp_ratios.split(",") if v):
-        t = copy.deepcopy(model)
-        C.prune_tp(t, shape, r, args.step)
-        key = f"tp-{r}"
-        paths[key] = tmp / f"{key}.onnx"
-        export_onnx(t, paths[key], example)
-        macs[key] = count_macs(t, shape)
-    speed: dict[str, list[float]] = {k: [] for k in macs}
-    for _ in range(3):
-        res = bench.benchmark(paths, shape, provider="cpu", threads=args.threads, iters=40, progress=False,
-                              min_seconds=3.0)
-        d = res.stats["dense"].p50
-        for k in macs:
-            speed[k].append(d / res.stats[k].p50)
-    print("point | MACs | measured speedup (each run) | median")
-    rows = []
-    for k in sorted(macs, key=lambda k: statistics.median(speed[k])):
-        med = statistics.median(speed[k])
-        rows.append({"point": k, "macs": macs[k], "speedups": speed[k], "median": med})
-        print(f"{k} | {macs[k] / 1e6:.1f}M | {', '.join(f'{v:.3f}' for v in speed[k])} | {med:.3f}")
+    rows = time_points(model, graph, crit, lat, trajectories, shape, args, tmp, example)
     if args.json:
         args.json.write_text(json.dumps({"scale": scale, "rows": rows, "dense_ms": dense_ms}, indent=1))
 
