@@ -21,7 +21,6 @@ docs/latency-target.md records what it measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -140,15 +139,7 @@ class SiteScaled(latency.LatencyModel):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="regnet_x_400mf")
-    ap.add_argument("--input-shape", default="1x3x224x224")
-    ap.add_argument("--step", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--macs", default="130,200", help="the MACs range (millions) of the trajectory points compared")
-    ap.add_argument("--points", type=int, default=6, help="points per trajectory")
-    ap.add_argument("--tp-ratios", default="0.787,0.844,0.886")
-    ap.add_argument("--json", type=Path)
+    ap = G.point_args(__doc__, "0.787,0.844,0.886")
     ap.add_argument("--scales-only", action="store_true", help="print the factors per stage and stop")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.input_shape.split("x"))

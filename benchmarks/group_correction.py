@@ -139,16 +139,22 @@ def time_points(model, graph, crit, lat, trajectories: dict, shape: tuple[int, .
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def point_args(doc: str, tp_ratios: str) -> argparse.ArgumentParser:
+    """The arguments of a script that compares trajectories with :func:`time_points`."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--model", default="regnet_x_400mf")
     ap.add_argument("--input-shape", default="1x3x224x224")
     ap.add_argument("--step", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--macs", default="130,200", help="the MACs range (millions) of the trajectory points compared")
     ap.add_argument("--points", type=int, default=6, help="points per trajectory")
-    ap.add_argument("--tp-ratios", default="0.8,0.844,0.886")
+    ap.add_argument("--tp-ratios", default=tp_ratios)
     ap.add_argument("--json", type=Path)
+    return ap
+
+
+def main() -> None:
+    ap = point_args(__doc__, "0.8,0.844,0.886")
     ap.add_argument("--scales-from", type=Path, help="reuse the per-group scales of an earlier --json")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.input_shape.split("x"))
