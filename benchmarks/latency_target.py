@@ -7,7 +7,8 @@ probes, the search's and the whole run's wall time, and, for reference, the wall
 ``--ratio 0.5``.
 
 Part ``uniform``: at the speed each target run achieved, Torch-Pruning 1.6.1's uniform L1 pruning
-(``MetaPruner`` + ``MagnitudeImportance(p=1)``, the classifier ignored, the same ``round_to``) is bisected on its
+(``MetaPruner`` + ``MagnitudeImportance(p=1)``, the classifier ignored, the same ``round_to`` unless
+``--tp-round-to`` says otherwise) is bisected on its
 ratio until it is within 5% of our speed, each try timing dense, ours (the bundle's ``model.onnx``) and
 Torch-Pruning's model in one interleaved run; then the three are timed once more in ONE interleaved run, and
 their MACs and params are compared. Where no try lands within 5% (uniform pruning's speed is a staircase in
@@ -105,14 +106,14 @@ def part_uniform(name: str, row: dict[str, Any], args: argparse.Namespace) -> No
         if t.get("exit") != 0:
             continue
         bundle = Path(t["bundle"])
-        ours = t["achieved"]
+        tp_step = args.tp_round_to or int(t["round_to"] or 8)
         with tempfile.TemporaryDirectory() as tmp:
             cache: dict[float, tuple[Path, int, int]] = {}
 
             def tp_at(r: float) -> tuple[Path, int, int]:
                 if r not in cache:
                     m = load_model(f"torchvision:{name}", seed=args.seed).model
-                    C.prune_tp(m, shape, r, int(t["round_to"] or 8))
+                    C.prune_tp(m, shape, r, tp_step)
                     p = Path(tmp) / f"tp-{r:.4f}.onnx"
                     export_onnx(m, p, torch.randn(*shape))
                     cache[r] = (p, count_macs(m, shape), count_params(m))
@@ -141,7 +142,8 @@ def part_uniform(name: str, row: dict[str, Any], args: argparse.Namespace) -> No
             res = benchmark({"dense": bundle / "dense.onnx", "ours": bundle / "model.onnx", "tp": path}, shape,
                             iters=args.bench_iters, threads=args.threads, progress=False)
         d = res.stats["dense"].p50
-        t["uniform"] = {"tp_ratio": found, "tries": tries, "speedup_ours": d / res.stats["ours"].p50,
+        t["uniform"] = {"tp_ratio": found, "tp_round_to": tp_step, "tries": tries,
+                        "speedup_ours": d / res.stats["ours"].p50,
                         "speedup_tp": d / res.stats["tp"].p50, "tp_macs": tp_macs, "tp_params": tp_params,
                         "macs_ours_over_tp": t["macs"] / tp_macs, "params_ours_over_tp": t["params"] / tp_params}
 
@@ -175,7 +177,7 @@ def interpolate_tp(rows: list[dict[str, Any]], shape: tuple[int, ...], seed: int
             macs = []
             for _s, r in pair:
                 m = load_model(f"torchvision:{row['model']}", seed=seed).model
-                C.prune_tp(m, shape, r, int(t.get("round_to") or 8))
+                C.prune_tp(m, shape, r, int(u.get("tp_round_to") or t.get("round_to") or 8))
                 macs.append(count_macs(m, shape))
             (s0, _), (s1, _) = pair
             est = macs[0] + (macs[1] - macs[0]) * (goal - s0) / (s1 - s0) if s1 > s0 else macs[0]
@@ -235,8 +237,10 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, str], command: str, star
             if not u:
                 continue
             equal = "yes" if abs(u["speedup_tp"] / u["speedup_ours"] - 1) <= 0.05 else "**no**"
+            own = u.get("tp_round_to")
+            step = f" (round_to {own})" if own and own != t.get("round_to") else ""
             lines.append(f"| {row['model']} | {x}x | {u['speedup_ours']:.2f}x | {u['speedup_tp']:.2f}x | {equal} | "
-                         f"{u['tp_ratio']:.3f} | {C.fmt_count(t['macs'])} | {C.fmt_count(u['tp_macs'])} | "
+                         f"{u['tp_ratio']:.3f}{step} | {C.fmt_count(t['macs'])} | {C.fmt_count(u['tp_macs'])} | "
                          f"{u['macs_ours_over_tp']:.2f} | {u['params_ours_over_tp']:.2f} | {at_equal(u)} |")
     return "\n".join(lines) + "\n"
 
@@ -251,6 +255,8 @@ def main() -> None:
     ap.add_argument("--bench-iters", type=int, default=60)
     ap.add_argument("--probe-iters", type=int, default=30)
     ap.add_argument("--tp-steps", type=int, default=7)
+    ap.add_argument("--tp-round-to", type=int, default=None,
+                    help="Torch-Pruning's round_to (default: the channel step our run used)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=3600)
