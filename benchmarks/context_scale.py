@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from deploy_prune import bench, latency
 from deploy_prune.export import export_onnx
@@ -40,7 +39,6 @@ from deploy_prune.target import trajectory
 
 sys.path.insert(0, str(Path(__file__).parent))
 import group_correction as G  # noqa: E402
-import table_grid as T  # noqa: E402
 
 KERNELS = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm"}
 
@@ -142,11 +140,7 @@ def main() -> None:
     ap = G.point_args(__doc__, "0.787,0.844,0.886")
     ap.add_argument("--scales-only", action="store_true", help="print the factors per stage and stop")
     args = ap.parse_args()
-    shape = tuple(int(v) for v in args.input_shape.split("x"))
-    model, graph, crit, cfg, measure = T.prepared(args.model, shape, args.step, args.threads)
-    lat = latency.build(graph, shape[0], measure.timer(), measure.cache(), args.step)
-    tmp = Path(tempfile.mkdtemp(prefix="context-scale-"))
-    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    shape, model, graph, crit, cfg, measure, lat, tmp, example = G.setup(args, "context-scale-")
     export_onnx(model, tmp / "dense.onnx", example)
     scale, info = context_scales(lat, tmp / "dense.onnx", shape, args.threads)
     corrected = SiteScaled(lat.sites, lat.tables, lat.step)

@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -153,15 +154,22 @@ def point_args(doc: str, tp_ratios: str) -> argparse.ArgumentParser:
     return ap
 
 
+def setup(args: argparse.Namespace, prefix: str) -> tuple[Any, ...]:
+    """The model of ``args`` as the product sees it, its latency tables, a scratch folder and the example input:
+    (shape, model, graph, criterion, config, measure, tables, folder, example)."""
+    shape = tuple(int(v) for v in args.input_shape.split("x"))
+    model, graph, crit, cfg, measure = T.prepared(args.model, shape, args.step, args.threads)
+    lat = latency.build(graph, shape[0], measure.timer(), measure.cache(), args.step)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    return shape, model, graph, crit, cfg, measure, lat, tmp, example
+
+
 def main() -> None:
     ap = point_args(__doc__, "0.8,0.844,0.886")
     ap.add_argument("--scales-from", type=Path, help="reuse the per-group scales of an earlier --json")
     args = ap.parse_args()
-    shape = tuple(int(v) for v in args.input_shape.split("x"))
-    model, graph, crit, cfg, measure = T.prepared(args.model, shape, args.step, args.threads)
-    lat = latency.build(graph, shape[0], measure.timer(), measure.cache(), args.step)
-    tmp = Path(tempfile.mkdtemp(prefix="group-correction-"))
-    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    shape, model, graph, crit, cfg, measure, lat, tmp, example = setup(args, "group-correction-")
 
     def export(counts: dict[int, int], name: str) -> tuple[Path, int]:
         path = tmp / f"{name}.onnx"
