@@ -25,48 +25,20 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from deploy_prune import bench, latency
+from deploy_prune import latency
 from deploy_prune.export import export_onnx
 from deploy_prune.surgery import comparable_scores
 from deploy_prune.target import trajectory
 
 sys.path.insert(0, str(Path(__file__).parent))
 import group_correction as G  # noqa: E402
+from table_timing import profiled  # noqa: E402
 
 KERNELS = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm"}
-
-
-def profiled(model: bytes | Path, shape: tuple[int, ...], threads: int, runs: int, warmup: int = 5
-             ) -> list[dict[str, Any]]:
-    """Every node ONNX Runtime ran, in execution order: op, input and output shapes, and the 25th percentile of
-    its kernel time (ms) over ``runs`` runs with the benchmark's session options."""
-    with tempfile.TemporaryDirectory() as tmp:
-        session = bench.make_session(model, "cpu", threads, profile_prefix=str(Path(tmp) / "p"))
-        run = bench.make_runner(session, np.random.default_rng(0).standard_normal(shape, dtype=np.float32),
-                                "cpu")
-        for _ in range(warmup + runs):
-            run()
-        events = json.loads(Path(session.end_profiling()).read_text())
-    nodes: dict[str, dict[str, Any]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            a = e["args"]
-            node = nodes.setdefault(e["name"], {
-                "op": a.get("op_name"),
-                "inputs": [next(iter(t.values())) for t in a.get("input_type_shape", [])],
-                "outputs": [next(iter(t.values())) for t in a.get("output_type_shape", [])],
-                "ms": []})
-            node["ms"].append(e["dur"] / 1000)
-    for node in nodes.values():
-        node["ms"] = float(np.percentile(node["ms"][-runs:], 25))
-    return list(nodes.values())
 
 
 def site_signature(s: latency.Site) -> tuple[Any, ...]:
@@ -93,7 +65,7 @@ def node_signature(n: dict[str, Any]) -> tuple[Any, ...] | None:
 def context_scales(lat: latency.LatencyModel, dense: Path, shape: tuple[int, ...], threads: int,
                    runs: int = 60) -> tuple[dict[int, float], dict[str, Any]]:
     """Per site index: the factor on its table (see the module docstring); sites not found in the profile keep 1."""
-    whole = profiled(dense, shape, threads, runs)
+    whole = profiled(dense, shape, threads, runs, warmup=5)
     in_model: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     for n in whole:
         sig = node_signature(n)
@@ -104,6 +76,7 @@ def context_scales(lat: latency.LatencyModel, dense: Path, shape: tuple[int, ...
         by_sig[site_signature(s)] += [i] * s.calls
     scale: dict[int, float] = {}
     unmatched = []
+    alone_parts: dict[str, list[dict[str, Any]]] = {}
     for sig, idx in by_sig.items():
         found = in_model.get(sig, [])
         if len(found) != len(idx):
@@ -114,8 +87,10 @@ def context_scales(lat: latency.LatencyModel, dense: Path, shape: tuple[int, ...
             per[i].append(ms)
         for i, ctx in per.items():
             s = lat.sites[i]
-            parts = profiled(latency.layer_model(s, s.in_channels, s.out_channels),
-                             latency._in_shape(s, s.in_channels), threads, 15, 3)
+            if s.config() not in alone_parts:  # identical blocks share one profile
+                alone_parts[s.config()] = profiled(latency.layer_model(s, s.in_channels, s.out_channels),
+                                                   latency._in_shape(s, s.in_channels), threads, 15)
+            parts = alone_parts[s.config()]
             reorders = sum(p["ms"] for p in parts if p["op"].startswith("Reorder"))
             kernel = sum(p["ms"] for p in parts if p["op"] in KERNELS)
             act = sum(p["ms"] for p in parts) - reorders - kernel

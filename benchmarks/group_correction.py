@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,17 +96,24 @@ def measure_scales(graph, cfg, lat, old, shape, threads, export, tmp):
     return scale, dense_ms
 
 
-def time_points(model, graph, crit, lat, trajectories: dict, shape: tuple[int, ...], args, tmp: Path,
-                example: torch.Tensor) -> list[dict]:
-    """Points of each trajectory in the ``args.macs`` range (``args.points`` each) and Torch-Pruning's uniform L1
-    at ``args.tp_ratios``, timed with the dense model (``tmp/dense.onnx``) in one interleaved run, three times;
-    prints and returns MACs against measured speedup per point."""
+def exporter(model, graph, crit, tmp: Path, example: torch.Tensor, shape: tuple[int, ...]
+             ) -> Callable[[dict[int, int], str], tuple[Path, int]]:
+    """``export(counts, name)``: ``model`` pruned to ``counts`` kept classes per group, exported to
+    ``tmp/name.onnx``; returns the path and its MACs."""
 
     def export(counts: dict[int, int], name: str) -> tuple[Path, int]:
         path = tmp / f"{name}.onnx"
         return path, T.export_counts(model, graph, crit, counts, path, example, shape)
 
-    # 2. points of both trajectories and Torch-Pruning's, in one interleaved run
+    return export
+
+
+def time_points(model, graph, crit, lat, trajectories: dict, shape: tuple[int, ...], args, tmp: Path,
+                example: torch.Tensor) -> list[dict]:
+    """Points of each trajectory in the ``args.macs`` range (``args.points`` each) and Torch-Pruning's uniform L1
+    at ``args.tp_ratios``, timed with the dense model (``tmp/dense.onnx``) in one interleaved run, three times;
+    prints and returns MACs against measured speedup per point."""
+    export = exporter(model, graph, crit, tmp, example, shape)
     # each trajectory's own predicted speedup is compressed differently: the points span the same MACs range
     paths = {"dense": tmp / "dense.onnx"}
     macs: dict[str, int] = {}
@@ -170,10 +178,7 @@ def main() -> None:
     ap.add_argument("--scales-from", type=Path, help="reuse the per-group scales of an earlier --json")
     args = ap.parse_args()
     shape, model, graph, crit, cfg, measure, lat, tmp, example = setup(args, "group-correction-")
-
-    def export(counts: dict[int, int], name: str) -> tuple[Path, int]:
-        path = tmp / f"{name}.onnx"
-        return path, T.export_counts(model, graph, crit, counts, path, example, shape)
+    export = exporter(model, graph, crit, tmp, example, shape)
 
     export_onnx(model, tmp / "dense.onnx", example)
     if args.scales_from:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from deploy_prune import bench, latency
 from deploy_prune.bench import make_runner, make_session
@@ -28,24 +29,38 @@ from deploy_prune.loading import build_arch, load_model
 from deploy_prune.surgery import analyze
 
 
-def kernels_ms(timer: latency.Timer, model: bytes, shape: tuple[int, ...]) -> float:
-    """The alternative: per node, the 25th percentile of its profiled kernel times, summed over every node but
-    the layout reorders (``ReorderInput`` / ``ReorderOutput``)."""
+def profiled(model: bytes | Path, shape: tuple[int, ...], threads: int | None, runs: int, warmup: int = 3
+             ) -> list[dict[str, Any]]:
+    """Every node ONNX Runtime ran on the CPU provider, in execution order: op, input and output shapes, and the
+    25th percentile of its profiled kernel time (ms) over ``runs`` runs with the benchmark's session options."""
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:  # the benchmark's session options, with the profiler on
-        session = make_session(model, timer.provider, timer.threads, profile_prefix=str(Path(tmp) / "p"))
-        run = make_runner(session, np.random.default_rng(0).standard_normal(shape, dtype=np.float32),
-                          "CPUExecutionProvider")
-        for _ in range(3 + timer.repeats):
+        session = make_session(model, "cpu", threads, profile_prefix=str(Path(tmp) / "p"))
+        run = make_runner(session, np.random.default_rng(0).standard_normal(shape, dtype=np.float32), "cpu")
+        for _ in range(warmup + runs):
             run()
         events = json.loads(Path(session.end_profiling()).read_text())
-    per_node: dict[str, list[float]] = {}
+    nodes: dict[str, dict[str, Any]] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            if not e["args"]["op_name"].startswith("Reorder"):
-                per_node.setdefault(e["name"], []).append(e["dur"] / 1000)
-    return sum(float(np.percentile(v[-timer.repeats:], 25)) for v in per_node.values())
+            a = e["args"]
+            node = nodes.setdefault(e["name"], {
+                "op": a.get("op_name"),
+                "inputs": [next(iter(v.values())) for v in a.get("input_type_shape", [])],
+                "outputs": [next(iter(v.values())) for v in a.get("output_type_shape", [])],
+                "ms": []})
+            node["ms"].append(e["dur"] / 1000)
+    for node in nodes.values():
+        node["ms"] = float(np.percentile(node["ms"][-runs:], 25))
+    return list(nodes.values())
+
+
+def kernels_ms(timer: latency.Timer, model: bytes, shape: tuple[int, ...]) -> float:
+    """The alternative: per node, the 25th percentile of its profiled kernel times, summed over every node but
+    the layout reorders (``ReorderInput`` / ``ReorderOutput``)."""
+    return sum(n["ms"] for n in profiled(model, shape, timer.threads, timer.repeats)
+               if not n["op"].startswith("Reorder"))
 
 
 def main() -> None:
