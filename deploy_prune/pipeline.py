@@ -87,11 +87,10 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             timing = dict(provider=provider, threads=spec.bench.threads, iters=spec.bench.iters,
                           seed=spec.prune.seed, min_seconds=spec.bench.min_seconds, progress=spec.progress,
                           total_seconds=spec.bench.target_seconds if spec.prune.target is not None else 0.0)
-            control = None
-            if CONTROL[0] in files and CONTROL[1] in files:
-                result, control = bench.benchmark_controlled(files, inputs.shape, CONTROL, say=say.note, **timing)
-            else:
-                result = bench.benchmark(files, inputs.shape, **timing)
+            twins = CONTROL if CONTROL[0] in files and CONTROL[1] in files else None
+            result, control = bench.benchmark_controlled(files, inputs.shape, twins,
+                                                         reference="dense" if "dense" in files else None,
+                                                         say=say.note, **timing)
             tiny = _tiny_model_note(result)
             if tiny:
                 say.note(tiny)
@@ -99,8 +98,7 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
             env = {**bench.environment(result), "world_size": distributed.world_size()}
             rep = report.build(spec=spec, loaded=inputs.loaded, shape=inputs.shape, pair=pair, made=made,
                                bench=result, environment=env)
-            if control is not None:
-                rep["bench"]["control"] = control
+            rep["bench"]["control"] = control
             save_pruned(stage / "pruned.pt", pair.structured.model, arch=inputs.loaded.arch,
                         num_classes=inputs.loaded.num_classes, input_shape=inputs.shape, plan=pair.structured.plan)
             report.write_report(stage, rep, result, {"plots": draw_plots(pair, stage)})

@@ -212,6 +212,25 @@ def _accuracy(a: float | None) -> str:
     return f"{a:.2f}%"
 
 
+def _checks_sentence(control: Mapping[str, Any]) -> str:
+    """The final benchmark's checks (bench.benchmark_controlled's record) as one paragraph of report.md."""
+    runs, kept, tol = control["runs"], control["kept"], control["tolerance"]
+    several = len(runs) > 1
+    out = []
+    if control.get("pair"):
+        base, twin = control["pair"]
+        out.append(f"Control: {twin} runs {base}'s kernels, so their p50s should agree; {twin} / {base} measured "
+                   + ", ".join(f"{r['control_ratio']:.3f}" for r in runs) + ".")
+    if all(r.get("paired_speedups") for r in runs):
+        out.append("Each speedup was also read round by round (the median of each interleaved round's ratio), "
+                   "which matches the p50s' ratio unless the machine changed speed during the run: "
+                   + "; ".join(", ".join(f"{n} {r['speedups'][n]:.3f}x / {v:.3f}x" for n, v in
+                                         r["paired_speedups"].items()) for r in runs) + ".")
+    out.append(f"{len(runs)} interleaved runs (tolerance ±{tol:.0%} on each check); run {kept + 1} was kept, and "
+               "every number on this page is from it." if several else f"Within ±{tol:.0%}.")
+    return " ".join(out)
+
+
 def _md_escape(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
@@ -635,14 +654,7 @@ def _markdown(
     lines += ["", f"How the benchmark ran: {method}"]
     control = (report.get("bench") or {}).get("control")
     if isinstance(control, Mapping) and control.get("runs"):
-        base, twin = control["pair"]
-        ratios = [r["control_ratio"] for r in control["runs"]]
-        kept = control["kept"]
-        lines += ["", f"Control: {twin} runs {base}'s kernels, so their p50s should agree; {twin} / {base} measured "
-                  + ", ".join(f"{r:.3f}" for r in ratios)
-                  + (f" in {len(ratios)} interleaved runs (tolerance ±{control['tolerance']:.0%}); run {kept + 1} "
-                     "was kept, and every number on this page is from it." if len(ratios) > 1 else
-                     f" (within ±{control['tolerance']:.0%}).")]
+        lines += ["", _checks_sentence(control)]
 
     lines += ["", "## Plots", ""]
     for p in plots:

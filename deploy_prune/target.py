@@ -73,6 +73,7 @@ STAY_FLOOR = 0.6  # with a judge: in-band candidates less likely than this to st
 STAY_SURE = 0.8  # without a judge: a candidate's MACs count times its chance of staying in the band, up to this
 FINAL_NOISE = 0.03  # spread (std of the log ratio) of the final benchmark's speedup around a confirmed probe's
 EDGE_CONFIRMS = 2  # per trajectory: in-band probes outside the inner half timed again before one is chosen
+PROBE_ATTEMPTS = 2  # timings of a probe at most, while its two readings of the speedup disagree
 CONFIRM_SECONDS = 15.0
 """How long (in all) the second timing runs of a probe that landed in the band's inner half, or of the fastest
 model allowed before a target is refused. The search stops on it, so it is what the final benchmark has to
@@ -328,10 +329,14 @@ class OrtProber(Prober):
             path = self.workdir / f"probe{self.n}.onnx"
             export_onnx(pruned, path, self.example)
             self.latest = (pruned, path)
-        res = bench.benchmark({"dense": self.dense_path, "probe": path}, self.shape, provider=self.measure.provider,
-                              threads=self.measure.threads, iters=self.measure.iters, seed=self.measure.seed,
-                              progress=False, min_seconds=self.measure.min_seconds,
-                              total_seconds=self.measure.confirm_seconds if confirm else 0.0)
+        # Timed again (once) when the speedup read off the p50s and the one read round by round disagree: the
+        # machine changed speed during the run and its pooled p50s are unreliable (bench.benchmark_controlled).
+        res, _ = bench.benchmark_controlled({"dense": self.dense_path, "probe": path}, self.shape, None,
+                                            reference="dense", attempts=PROBE_ATTEMPTS,
+                                            provider=self.measure.provider, threads=self.measure.threads,
+                                            iters=self.measure.iters, seed=self.measure.seed, progress=False,
+                                            min_seconds=self.measure.min_seconds,
+                                            total_seconds=self.measure.confirm_seconds if confirm else 0.0)
         return res.stats["dense"].p50, res.stats["probe"].p50
 
     def info(self) -> dict[str, Any]:

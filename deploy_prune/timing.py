@@ -3,6 +3,7 @@ tests can read results without loading the runtime)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -76,6 +77,45 @@ class BenchResult:
         """
         base = self.stats[baseline].p50
         return {name: base / s.p50 for name, s in self.stats.items()}
+
+    def paired_speedups(self, baseline: str) -> dict[str, float]:
+        """The median over the interleaved rounds of each round's ratio, ``p50[baseline] / p50[name]`` within the
+        round (every variant's block of a round runs within a fraction of a second of the others').
+
+        This is a check on :meth:`speedups`, not a replacement: when the machine switches between a fast and a slow
+        state during a run, each variant's pooled samples mix the two states, and when about half of them fall in
+        each, a pooled p50 lands in one state for one variant and in the other (or between) for the next. On a
+        2-vCPU VM, EfficientNet-B0 against a pruned copy measured 2.91x from the pooled p50s (dense's p50 between
+        its two modes, 9.7 and 12.1 ms; the pruned one's in its slow mode) and 3.24x round by round, 3.2-3.3x in
+        either state alone (docs/onnx-runtime.md §3). Runs without the round structure (``block <= drop``) give
+        :meth:`speedups`.
+
+        Raises:
+            KeyError: ``baseline`` was not benchmarked.
+        """
+        per_round = self.block - self.drop
+        if per_round <= 0 or len(self.samples.get(baseline, ())) < per_round:
+            return self.speedups(baseline)
+        base = np.asarray(self.samples[baseline], dtype=np.float64)
+        rounds = base.size // per_round
+        base_p50 = np.median(base[: rounds * per_round].reshape(rounds, per_round), axis=1)
+        out = {}
+        for name, samples in self.samples.items():
+            a = np.asarray(samples, dtype=np.float64)
+            n = min(rounds, a.size // per_round)
+            if n == 0:
+                out[name] = self.speedups(baseline)[name]
+                continue
+            p50 = np.median(a[: n * per_round].reshape(n, per_round), axis=1)
+            out[name] = float(np.median(base_p50[:n] / p50))
+        return out
+
+    def drift(self, baseline: str) -> float:
+        """How far (``|log|`` of the ratio, ~relative) :meth:`speedups` and :meth:`paired_speedups` disagree, the
+        worst variant's: near 0 when the machine ran at one speed, large when a pooled p50 was read off a mix of
+        its fast and slow states."""
+        pooled, paired = self.speedups(baseline), self.paired_speedups(baseline)
+        return max((abs(math.log(pooled[n] / paired[n])) for n in pooled if n != baseline), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (without the raw samples)."""

@@ -202,11 +202,60 @@ def test_a_control_pair_that_disagrees_times_again_and_keeps_the_run_where_it_ag
                                        say=said.append, iters=5, warmup=1, threads=1, progress=False)
     ratios = [r["control_ratio"] for r in record["runs"]]
     assert len(ratios) == 3 and len(said) == 2 and "run 2 of at most 3" in said[0]
-    assert record["kept"] == min(range(3), key=lambda i: abs(np.log(ratios[i])))
+    # kept: the run whose worse check (control pair, or the speedup read two ways) is smallest
+    worse = [max(abs(np.log(r["control_ratio"])),
+                 max(abs(np.log(r["speedups"][n] / r["paired_speedups"][n])) for n in r["speedups"]))
+             for r in record["runs"]]
+    assert worse[record["kept"]] == pytest.approx(min(worse), abs=2e-4)
     # the result returned is the kept run's
     assert res.stats["small"].p50 / res.stats["dense"].p50 == pytest.approx(ratios[record["kept"]], abs=1e-4)
     with pytest.raises(KeyError, match="control pair"):
         benchmark_controlled(files, (1, 3, 16, 16), ("dense", "absent"), iters=2, threads=1, progress=False)
+
+
+def _two_state_run(switch_mid_block: bool) -> BenchResult:
+    """Ten rounds (block 10, drop 2: 8 kept runs per variant and round) of a 10 ms dense model and a model 3.33x
+    faster, on a machine 25% slower in its slow state, which holds the last five rounds. With
+    ``switch_mid_block``, the switch catches dense's first run of round 5 still fast and the pruned model's last
+    run of round 4 already slow: 41 of dense's 80 runs fast, 39 of the pruned model's."""
+    dense = [10.0] * 40 + [12.5] * 40
+    small = [3.0] * 40 + [3.75] * 40
+    if switch_mid_block:
+        dense[40] = 10.0
+        small[39] = 3.75
+    samples = {"dense": dense, "small": small}
+    return BenchResult(stats={n: LatencyStats.from_samples(v) for n, v in samples.items()}, samples=samples,
+                       provider=CPU, threads=1, method="", iters=80, block=10, drop=2)
+
+
+def test_speedups_read_round_by_round_see_through_a_machine_that_changed_speed() -> None:
+    steady = _two_state_run(switch_mid_block=False)
+    assert steady.speedups("dense")["small"] == pytest.approx(10 / 3)  # half and half: both p50s midway alike
+    assert steady.paired_speedups("dense")["small"] == pytest.approx(10 / 3)
+    assert steady.drift("dense") == pytest.approx(0.0, abs=1e-12)
+    switched = _two_state_run(switch_mid_block=True)
+    # dense's p50 is a fast run (10 ms), the pruned model's a slow one (3.75 ms): 2.67x from the p50s
+    assert switched.speedups("dense")["small"] == pytest.approx(10 / 3.75)
+    # every round, whichever state it ran in, is 3.33x (a round's one odd run does not move its block median)
+    assert switched.paired_speedups("dense")["small"] == pytest.approx(10 / 3)
+    assert switched.drift("dense") == pytest.approx(np.log((10 / 3) / (10 / 3.75)))
+    assert switched.paired_speedups("dense")["dense"] == 1.0
+    # without the round structure there is nothing to pair: the p50s' ratio
+    flat = BenchResult(stats=switched.stats, samples=switched.samples, provider=CPU, threads=1, method="")
+    assert flat.paired_speedups("dense") == flat.speedups("dense") and flat.drift("dense") == 0.0
+
+
+def test_without_a_control_pair_the_speedups_are_still_checked_both_ways(models: dict[str, Path]) -> None:
+    files = {"dense": models["dense"], "structured": models["structured"]}
+    res, record = benchmark_controlled(files, (1, 3, 16, 16), None, reference="dense", tolerance=1.0, iters=16,
+                                       warmup=1, block=5, drop=1, threads=1, progress=False)
+    assert record["pair"] is None and len(record["runs"]) == 1 and record["kept"] == 0
+    run = record["runs"][0]
+    assert run["control_ratio"] is None and set(run["speedups"]) == set(run["paired_speedups"]) == {"structured"}
+    assert run["paired_speedups"]["structured"] == pytest.approx(res.paired_speedups("dense")["structured"],
+                                                                 abs=1e-4)
+    with pytest.raises(KeyError, match="reference"):
+        benchmark_controlled(files, (1, 3, 16, 16), None, reference="absent", iters=2, threads=1, progress=False)
 
 
 def test_benchmark_rejects_bad_settings(models: dict[str, Path]) -> None:

@@ -58,6 +58,9 @@ def _check_bundle(out: Path) -> dict:
     assert kept["control_ratio"] == pytest.approx(p50["unstructured"] / p50["dense"], abs=1e-3)
     assert kept["speedups"]["structured"] == pytest.approx(v["structured"]["speedup_vs_dense"], abs=1e-3)
     assert "Control: unstructured runs dense's kernels" in md
+    # and every speedup read round by round too, which report.md shows beside the p50s' ratio
+    assert set(kept["paired_speedups"]) == {"unstructured", "structured"}
+    assert f"structured {kept['speedups']['structured']:.3f}x / {kept['paired_speedups']['structured']:.3f}x" in md
     return report
 
 
