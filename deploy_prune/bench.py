@@ -492,11 +492,12 @@ def benchmark_controlled(
       states) and round by round (:meth:`BenchResult.paired_speedups`). They agree unless the machine switched
       between a fast and a slow state during the run with about half of the samples in each; then a pooled p50
       is ill-defined (EfficientNet-B0 against a pruned copy: 2.91x from the p50s, 3.24x round by round, 3.2-3.3x
-      in each state alone).
+      in each state alone). Only the gap beyond two standard errors of the round-by-round reading counts
+      (:meth:`BenchResult.drift`): with few, long rounds that reading is noisy itself.
 
     A run passes when the control pair's p50s differ by at most ``tolerance`` (relative) and every speedup
-    against ``reference`` agrees both ways within ``tolerance``; of the runs made, the one whose worse check is
-    smallest is kept. The choice looks only at the checks (agreement of identical models, agreement of two
+    against ``reference`` agrees both ways within ``tolerance`` (``drift``); of the runs made, the one whose
+    worse check is smallest is kept. The choice looks only at the checks (agreement of identical models, agreement of two
     readings of the same speedup), never at how fast any variant is.
 
     Args:
@@ -504,7 +505,8 @@ def benchmark_controlled(
 
     Returns:
         The kept run, and a record for the report: the pair, the tolerance, every run's control ratio
-        (``p50[control[1]] / p50[control[0]]``), its speedups vs ``reference`` both ways, and which run was kept.
+        (``p50[control[1]] / p50[control[0]]``), its speedups vs ``reference`` both ways and its ``drift``, and
+        which run was kept.
 
     Raises:
         KeyError: a control or reference name is not in ``models``. Otherwise as :func:`benchmark`.
@@ -530,7 +532,7 @@ def benchmark_controlled(
                 pooled, paired = res.speedups(ref), res.paired_speedups(ref)
                 name = max((n for n in pooled if n != ref), key=lambda n: abs(math.log(pooled[n] / paired[n])))
                 why = (f"the machine changed speed during the run: {name}'s speedup was {pooled[name]:.3g}x from "
-                       f"the p50s but {paired[name]:.3g}x round by round, {drift:.1%} apart")
+                       f"the p50s but {paired[name]:.3g}x round by round, {drift:.1%} apart beyond the rounds' own spread")
             say(f"{why} in this interleaved run (more than {tolerance:.0%}): timing every variant again "
                 f"(run {k + 2} of at most {attempts})")
     kept = min(range(len(runs)), key=lambda i: max(abs(math.log(runs[i][1])), runs[i][2]))
@@ -541,6 +543,7 @@ def benchmark_controlled(
             "control_ratio": round(ratio, 4) if control else None,
             "speedups": {n: round(v, 4) for n, v in res.speedups(ref).items() if n != ref},
             "paired_speedups": {n: round(v, 4) for n, v in res.paired_speedups(ref).items() if n != ref},
+            "drift": round(drift, 4),
         })
     return runs[kept][0], record
 

@@ -93,9 +93,17 @@ class BenchResult:
         Raises:
             KeyError: ``baseline`` was not benchmarked.
         """
+        pooled = self.speedups(baseline)
+        rounds = self._round_ratios(baseline)
+        return {n: float(np.median(r)) if r.size else pooled[n] for n, r in rounds.items()}
+
+    def _round_ratios(self, baseline: str) -> dict[str, np.ndarray]:
+        """Per variant, each round's ``p50[baseline's block] / p50[its block]`` (empty without the round
+        structure)."""
         per_round = self.block - self.drop
+        empty = {name: np.zeros(0) for name in self.stats}
         if per_round <= 0 or len(self.samples.get(baseline, ())) < per_round:
-            return self.speedups(baseline)
+            return empty
         base = np.asarray(self.samples[baseline], dtype=np.float64)
         rounds = base.size // per_round
         base_p50 = np.median(base[: rounds * per_round].reshape(rounds, per_round), axis=1)
@@ -103,19 +111,27 @@ class BenchResult:
         for name, samples in self.samples.items():
             a = np.asarray(samples, dtype=np.float64)
             n = min(rounds, a.size // per_round)
-            if n == 0:
-                out[name] = self.speedups(baseline)[name]
-                continue
-            p50 = np.median(a[: n * per_round].reshape(n, per_round), axis=1)
-            out[name] = float(np.median(base_p50[:n] / p50))
+            out[name] = base_p50[:n] / np.median(a[: n * per_round].reshape(n, per_round), axis=1)
         return out
 
     def drift(self, baseline: str) -> float:
-        """How far (``|log|`` of the ratio, ~relative) :meth:`speedups` and :meth:`paired_speedups` disagree, the
-        worst variant's: near 0 when the machine ran at one speed, large when a pooled p50 was read off a mix of
-        its fast and slow states."""
+        """How far (``|log|`` of the ratio, ~relative) :meth:`speedups` and :meth:`paired_speedups` disagree
+        beyond what the rounds' own spread explains, the worst variant's: near 0 when the machine ran at one
+        speed, large when a pooled p50 was read off a mix of its fast and slow states.
+
+        The round-by-round reading is a median of the rounds' ratios, so it is itself only as sure as the rounds
+        are many and steady: each variant's gap counts only beyond two standard errors of that median
+        (1.2533 · std / sqrt(rounds), of the log ratios). A ConvNeXt-T run of 60 iterations (7 rounds of a
+        75 ms model, rounds 1.8 s long) had rounds 0.84-1.15x apart for two identical models, and read 0.95x for
+        them round by round: noise, not a switch of the machine's speed."""
         pooled, paired = self.speedups(baseline), self.paired_speedups(baseline)
-        return max((abs(math.log(pooled[n] / paired[n])) for n in pooled if n != baseline), default=0.0)
+        worst = 0.0
+        for name, ratios in self._round_ratios(baseline).items():
+            if name == baseline or ratios.size == 0:
+                continue
+            se = 1.2533 * float(np.std(np.log(ratios), ddof=1)) / math.sqrt(ratios.size) if ratios.size > 1 else 0.0
+            worst = max(worst, abs(math.log(pooled[name] / paired[name])) - 2 * se)
+        return worst
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (without the raw samples)."""
