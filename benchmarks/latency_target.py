@@ -10,8 +10,10 @@ Part ``uniform``: at the speed each target run achieved, Torch-Pruning 1.6.1's u
 (``MetaPruner`` + ``MagnitudeImportance(p=1)``, the classifier ignored, the same ``round_to`` unless
 ``--tp-round-to`` says otherwise) is bisected on its
 ratio until it is within 5% of our speed, each try timing dense, ours (the bundle's ``model.onnx``) and
-Torch-Pruning's model in one interleaved run; then the three are timed once more in ONE interleaved run, and
-their MACs and params are compared. Where no try lands within 5% (uniform pruning's speed is a staircase in
+Torch-Pruning's model in one interleaved run; then the three are timed once more in ONE interleaved run (at least
+``--compare-seconds``), and their MACs and params are compared. Every run goes through the product's
+``bench.benchmark_controlled`` without a control pair: timed again when a speedup read off the p50s and the
+same speedup read round by round disagree (since 2026-12-05; plain runs before). Where no try lands within 5% (uniform pruning's speed is a staircase in
 its ratio on a CPU: channel counts cross the kernels' blocking), Torch-Pruning's MACs at our speed are
 interpolated between the two tries on either side. Both start from the same random initialisation
 (``--seed``).
@@ -96,12 +98,19 @@ def part_uniform(name: str, row: dict[str, Any], args: argparse.Namespace) -> No
     import torch
 
     import compare_torch_pruning as C
-    from deploy_prune.bench import benchmark
+    from deploy_prune.bench import benchmark_controlled
     from deploy_prune.export import export_onnx
     from deploy_prune.loading import load_model
     from deploy_prune.metrics import count_macs, count_params
 
     shape = tuple(args.input_shape)
+
+    def timed(files: dict[str, Path], **kw: Any) -> Any:
+        # the product's own check: timed again when a speedup read off the p50s and read round by round disagree
+        # (the machine changed speed mid-run; one plain try measured our 2.13x ResNet-18 model at 1.37x)
+        return benchmark_controlled(files, shape, None, reference="dense", threads=args.threads, progress=False,
+                                    **kw)[0]
+
     for x, t in row["targets"].items():
         if t.get("exit") != 0:
             continue
@@ -127,8 +136,8 @@ def part_uniform(name: str, row: dict[str, Any], args: argparse.Namespace) -> No
             for _ in range(args.tp_steps):
                 r = (lo + hi) / 2
                 path, _, _ = tp_at(r)
-                res = benchmark({"dense": bundle / "dense.onnx", "ours": bundle / "model.onnx", "tp": path}, shape,
-                                iters=args.probe_iters, threads=args.threads, progress=False)
+                res = timed({"dense": bundle / "dense.onnx", "ours": bundle / "model.onnx", "tp": path},
+                            iters=args.probe_iters)
                 s = res.stats["dense"].p50 / res.stats["tp"].p50
                 rel = res.stats["ours"].p50 / res.stats["tp"].p50  # TP's speed relative to ours, same run
                 tries.append((round(r, 4), round(s, 3), round(rel, 3)))
@@ -139,8 +148,8 @@ def part_uniform(name: str, row: dict[str, Any], args: argparse.Namespace) -> No
             if found is None:  # the closest one tried
                 found = min(tries, key=lambda t_: abs(t_[2] - 1))[0]
             path, tp_macs, tp_params = tp_at(found)
-            res = benchmark({"dense": bundle / "dense.onnx", "ours": bundle / "model.onnx", "tp": path}, shape,
-                            iters=args.bench_iters, threads=args.threads, progress=False)
+            res = timed({"dense": bundle / "dense.onnx", "ours": bundle / "model.onnx", "tp": path},
+                        iters=args.bench_iters, total_seconds=args.compare_seconds)
         d = res.stats["dense"].p50
         t["uniform"] = {"tp_ratio": found, "tp_round_to": tp_step, "tries": tries,
                         "speedup_ours": d / res.stats["ours"].p50,
@@ -255,6 +264,9 @@ def main() -> None:
     ap.add_argument("--bench-iters", type=int, default=60)
     ap.add_argument("--probe-iters", type=int, default=30)
     ap.add_argument("--tp-steps", type=int, default=7)
+    ap.add_argument("--compare-seconds", type=float, default=30.0,
+                    help="part uniform: the final side-by-side run of dense, ours and Torch-Pruning's model lasts "
+                         "at least this long (0 = --bench-iters alone)")
     ap.add_argument("--tp-round-to", type=int, default=None,
                     help="Torch-Pruning's round_to (default: the channel step our run used)")
     ap.add_argument("--threads", type=int, default=None)
