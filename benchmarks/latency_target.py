@@ -13,9 +13,9 @@ ratio until it is within 5% of our speed, each try timing dense, ours (the bundl
 Torch-Pruning's model in one interleaved run; then the three are timed once more in ONE interleaved run (at least
 ``--compare-seconds``), and their MACs and params are compared. Every run goes through the product's
 ``bench.benchmark_controlled`` without a control pair: timed again when a speedup read off the p50s and the
-same speedup read round by round disagree (since 2026-12-05; plain runs before). Where no try lands within 5% (uniform pruning's speed is a staircase in
-its ratio on a CPU: channel counts cross the kernels' blocking), Torch-Pruning's MACs at our speed are
-interpolated between the two tries on either side. Both start from the same random initialisation
+same speedup read round by round disagree (since 2026-12-05; plain runs before). Where no try lands within 5%
+(uniform pruning's speed is a staircase in its ratio on a CPU: channel counts cross the kernels' blocking),
+Torch-Pruning's MACs at our speed are interpolated between the two tries on either side. Both start from the same random initialisation
 (``--seed``).
 
 Part ``digits``: accuracy on the embedded digits at measured speedups (see ``--help``); it needs ``--data``-able

@@ -497,8 +497,8 @@ def benchmark_controlled(
 
     A run passes when the control pair's p50s differ by at most ``tolerance`` (relative) and every speedup
     against ``reference`` agrees both ways within ``tolerance`` (``drift``); of the runs made, the one whose
-    worse check is smallest is kept. The choice looks only at the checks (agreement of identical models, agreement of two
-    readings of the same speedup), never at how fast any variant is.
+    worse check is smallest is kept. The choice looks only at the checks (agreement of identical models,
+    agreement of two readings of the same speedup), never at how fast any variant is.
 
     Args:
         reference: the variant the speedups are taken against; default the control pair's first.
@@ -511,16 +511,19 @@ def benchmark_controlled(
     Raises:
         KeyError: a control or reference name is not in ``models``. Otherwise as :func:`benchmark`.
     """
+    if not models:
+        raise BadInput("nothing to benchmark: give at least one ONNX file")
     if control is not None and any(name not in models for name in control):
         raise KeyError(f"control pair {control} not among the benchmarked models {list(models)}")
-    ref = reference if reference is not None else (control[0] if control else next(iter(models), ""))
+    ref = reference if reference is not None else (control[0] if control else next(iter(models)))
     if ref not in models:
         raise KeyError(f"reference {ref!r} not among the benchmarked models {list(models)}")
     runs: list[tuple[BenchResult, float, float]] = []  # result, control ratio (1 without a pair), drift
     for k in range(max(1, attempts)):
         res = benchmark(models, input_shape, **kwargs)
         ratio = res.stats[control[1]].p50 / res.stats[control[0]].p50 if control else 1.0
-        drift = res.drift(ref)
+        drifts = res.drifts(ref)
+        drift = max(drifts.values(), default=0.0)
         runs.append((res, ratio, drift))
         if abs(ratio - 1) <= tolerance and drift <= tolerance:
             break
@@ -529,10 +532,10 @@ def benchmark_controlled(
                 why = (f"{control[1]} and {control[0]} run the same kernels but their p50s differed by "
                        f"{abs(ratio - 1):.1%}")
             else:
-                pooled, paired = res.speedups(ref), res.paired_speedups(ref)
-                name = max((n for n in pooled if n != ref), key=lambda n: abs(math.log(pooled[n] / paired[n])))
-                why = (f"the machine changed speed during the run: {name}'s speedup was {pooled[name]:.3g}x from "
-                       f"the p50s but {paired[name]:.3g}x round by round, {drift:.1%} apart beyond the rounds' own spread")
+                name = max(drifts, key=drifts.__getitem__)
+                why = (f"the machine changed speed during the run: {name}'s speedup was "
+                       f"{res.speedups(ref)[name]:.3g}x from the p50s but {res.paired_speedups(ref)[name]:.3g}x "
+                       f"round by round, {drift:.1%} apart beyond the rounds' own spread")
             say(f"{why} in this interleaved run (more than {tolerance:.0%}): timing every variant again "
                 f"(run {k + 2} of at most {attempts})")
     kept = min(range(len(runs)), key=lambda i: max(abs(math.log(runs[i][1])), runs[i][2]))

@@ -114,24 +114,32 @@ class BenchResult:
             out[name] = base_p50[:n] / np.median(a[: n * per_round].reshape(n, per_round), axis=1)
         return out
 
-    def drift(self, baseline: str) -> float:
-        """How far (``|log|`` of the ratio, ~relative) :meth:`speedups` and :meth:`paired_speedups` disagree
-        beyond what the rounds' own spread explains, the worst variant's: near 0 when the machine ran at one
-        speed, large when a pooled p50 was read off a mix of its fast and slow states.
+    def drifts(self, baseline: str) -> dict[str, float]:
+        """Per variant but ``baseline``: how far (``|log|`` of the ratio, ~relative) :meth:`speedups` and
+        :meth:`paired_speedups` disagree beyond what the rounds' own spread explains (0 at most that far apart):
+        near 0 when the machine ran at one speed, large when a pooled p50 was read off a mix of its fast and slow
+        states.
 
         The round-by-round reading is a median of the rounds' ratios, so it is itself only as sure as the rounds
-        are many and steady: each variant's gap counts only beyond two standard errors of that median
-        (1.2533 · std / sqrt(rounds), of the log ratios). A ConvNeXt-T run of 60 iterations (7 rounds of a
-        75 ms model, rounds 1.8 s long) had rounds 0.84-1.15x apart for two identical models, and read 0.95x for
-        them round by round: noise, not a switch of the machine's speed."""
-        pooled, paired = self.speedups(baseline), self.paired_speedups(baseline)
-        worst = 0.0
+        are many and steady: a gap counts only beyond two standard errors of that median (1.2533 · std /
+        sqrt(rounds), of the log ratios). A ConvNeXt-T run of 60 iterations (7 rounds of a 75 ms model, rounds
+        1.8 s long) had rounds 0.84-1.15x apart for two identical models, and read 0.95x for them round by round:
+        noise, not a switch of the machine's speed."""
+        pooled = self.speedups(baseline)
+        out = {}
         for name, ratios in self._round_ratios(baseline).items():
-            if name == baseline or ratios.size == 0:
+            if name == baseline:
+                continue
+            if ratios.size == 0:
+                out[name] = 0.0
                 continue
             se = 1.2533 * float(np.std(np.log(ratios), ddof=1)) / math.sqrt(ratios.size) if ratios.size > 1 else 0.0
-            worst = max(worst, abs(math.log(pooled[name] / paired[name])) - 2 * se)
-        return worst
+            out[name] = max(0.0, abs(math.log(pooled[name] / float(np.median(ratios)))) - 2 * se)
+        return out
+
+    def drift(self, baseline: str) -> float:
+        """The worst variant's :meth:`drifts` (0 with no other variant)."""
+        return max(self.drifts(baseline).values(), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (without the raw samples)."""

@@ -237,6 +237,7 @@ def test_speedups_read_round_by_round_see_through_a_machine_that_changed_speed()
     # every round, whichever state it ran in, is 3.33x (a round's one odd run does not move its block median)
     assert switched.paired_speedups("dense")["small"] == pytest.approx(10 / 3)
     assert switched.drift("dense") == pytest.approx(np.log((10 / 3) / (10 / 3.75)))
+    assert switched.drifts("dense") == {"small": pytest.approx(np.log((10 / 3) / (10 / 3.75)))}
     assert switched.paired_speedups("dense")["dense"] == 1.0
     # a gap that the rounds' own spread explains does not count: two identical models, the second's blocks
     # alternately 15% fast and slow (long rounds on a drifting machine), read 1.00x from the p50s and 1.023x
@@ -263,6 +264,8 @@ def test_without_a_control_pair_the_speedups_are_still_checked_both_ways(models:
                                                                  abs=1e-4)
     with pytest.raises(KeyError, match="reference"):
         benchmark_controlled(files, (1, 3, 16, 16), None, reference="absent", iters=2, threads=1, progress=False)
+    with pytest.raises(BadInput, match="nothing to benchmark"):
+        benchmark_controlled({}, (1, 3, 16, 16), None, iters=2, threads=1, progress=False)
 
 
 def test_benchmark_rejects_bad_settings(models: dict[str, Path]) -> None:
