@@ -115,7 +115,9 @@ def _run_template(
                                                  "with --data, search each for the target and keep the most "
                                                  "accurate after BatchNorm re-estimation (EagleEye), else "
                                                  "latency, trying uniform, then importance, when its measured "
-                                                 "speeds jump past the band's middle.")] = "auto",
+                                                 "speeds jump past the band's middle, and uniform's points "
+                                                 "keeping more MACs against an in-band latency model (the most "
+                                                 "MACs in the band wins).")] = "auto",
     from_sensitivity: Annotated[Optional[Path], typer.Option(help="Per-layer ratios from a sensitivity.json "
                                                                   "(deploy-prune sensitivity).")] = None,
     max_drop: Annotated[float, typer.Option(help="With --from-sensitivity: accuracy points a layer may lose.")] = 1.0,

@@ -140,6 +140,17 @@ class Site:
         per_out = (self.in_channels // self.groups) * math.prod(self.kernel)
         return self.in_shape[0] * math.prod(spatial) * self.out_channels * per_out * self.calls
 
+    def macs_at(self, frac: Mapping[int, float]) -> float:
+        """Multiply-accumulates of the call when each group ``g`` keeps the fraction ``frac[g]``: the dense count
+        scaled by the output width and, where the channels per conv group follow the input width, the input
+        width (a depthwise conv, or one losing whole groups, does one filter's work per output channel)."""
+        cin, cout = self.widths(frac)
+        full_in, full_out = self.widths({})
+        scale = cout / max(full_out, 1)
+        if not self.tied:
+            scale *= cin / max(full_in, 1)
+        return self.macs() * scale
+
     def align(self) -> int:
         """Widths must stay multiples of this (a grouped conv keeps its group count, or its group width)."""
         if self.group_width:
@@ -506,6 +517,10 @@ class LatencyModel:
 
     def predict(self, frac: Mapping[int, float]) -> float:
         return sum(self.site_ms(i, frac) for i in range(len(self.sites)))
+
+    def macs(self, frac: Mapping[int, float]) -> float:
+        """Multiply-accumulates of the model's conv and linear calls at the kept fractions ``frac``."""
+        return sum(s.macs_at(frac) for s in self.sites)
 
     def delta(self, frac: Mapping[int, float], group: int, new: float) -> float:
         """Predicted ms saved when ``group`` goes from its fraction in ``frac`` to ``new``."""

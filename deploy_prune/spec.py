@@ -166,7 +166,8 @@ class PruneSpec:
             (importance x MACs per measured ms), ``importance`` (importance per ms), ``uniform`` (the same
             fraction everywhere), or ``auto`` (with data: each is searched for the target and the most accurate
             after BatchNorm re-estimation wins; without data: ``latency``, then ``uniform``, then ``importance``
-            as fallbacks while no probe lands in the middle of the band).
+            as fallbacks while no probe lands in the middle of the band, and an in-band ``latency`` model
+            challenged by ``uniform``'s points keeping more MACs; the most MACs in the band wins).
     """
 
     criterion: str = "l1"

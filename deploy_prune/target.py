@@ -37,7 +37,9 @@
    data to judge by, the other allocations are fallbacks, in that order: searched only when the latency-aware
    trajectory has no point in the middle of the band (one channel step can cross a kernel block and jump past
    it); a search that ran out of probes with points still unmeasured next to the band is resumed before another
-   trajectory's in-band point keeping fewer MACs wins.
+   trajectory's in-band point keeping fewer MACs wins. And an in-band winner is challenged by uniform pruning
+   on the uniform trajectory's points that keep more MACs (:func:`_challenge`): on a CPU where time follows the
+   MACs closely, a uniform point can be both richer and as fast (ResNet-18 at 2x on the AVX2 VM).
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ STAY_SURE = 0.8  # without a judge: a candidate's MACs count times its chance of
 FINAL_NOISE = 0.03  # spread (std of the log ratio) of the final benchmark's speedup around a confirmed probe's
 EDGE_CONFIRMS = 2  # per trajectory: in-band probes outside the inner half timed again before one is chosen
 PROBE_ATTEMPTS = 2  # timings of a probe at most, while its two readings of the speedup disagree
+CHALLENGER = "uniform"  # without a judge: the allocation that challenges an in-band winner (see _challenge)
+CHALLENGE_GAIN = 1.03  # ... with its points keeping at least this many times the winner's MACs
+CHALLENGE_PROBES = 2
 CONFIRM_SECONDS = 15.0
 """How long (in all) the second timing runs of a probe that landed in the band's inner half, or of the fastest
 model allowed before a target is refused. The search stops on it, so it is what the final benchmark has to
@@ -433,7 +438,9 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
     the middle, timed a second time for longer where it is not in the inner band. The winner is the probe in
     the band keeping the most MACs, each probe's MACs weighed by its chance of staying in the band when the final
     benchmark measures again (:func:`stays_in_band`), a chance of :data:`STAY_SURE` or more counting as sure;
-    else the one meeting the target nearest the band (:func:`_unjudged_rank`). Before that winner is taken, a
+    else the one meeting the target nearest the band (:func:`_unjudged_rank`). An in-band winner is first
+    challenged by :data:`CHALLENGER` pruning on its points keeping more MACs (:func:`_challenge`), when that
+    allocation is among ``allocations`` and was not searched already. Before that winner is taken, a
     search that stopped with unmeasured points between its probes either side of the band's middle is resumed
     for :data:`RESUME_PROBES` more when those points keep :data:`RESUME_GAIN` times the winner's MACs or more, or
     when the winner misses the band (:func:`_resume`).
@@ -473,6 +480,8 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                     raise
                 unreachable.append(name)
         if judge is None:  # inside the ``with``: the probes' files live in ``tmp``
+            if CHALLENGER in allocations and all(d.allocation != CHALLENGER for d in done):
+                _challenge(done, lat, scores, model, graph, criterion, cfg, target, shape, prober, say)
             _resume(done, model, graph, criterion, cfg, target, shape, prober, say)
     if judge is not None and len(allocations) > 1:
         for d in done:
@@ -500,7 +509,9 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
                          "meeting the target"
                          if judge is not None else
                          "no data to judge by: the first allocation, and the next ones only while none had a "
-                         "probe in the band's inner half; in the band first, there the most MACs kept times the "
+                         f"probe in the band's inner half; an in-band winner challenged by {CHALLENGER} pruning "
+                         f"on its points keeping {CHALLENGE_GAIN:g}x the winner's MACs or more "
+                         f"({CHALLENGE_PROBES} probes at most); in the band first, there the most MACs kept times the "
                          "chance of staying in the band in the final benchmark (counted as sure from "
                          f"{STAY_SURE}), then meeting the target nearest the band, the earlier allocation on ties; "
                          "before that, a search stopped with unmeasured points between its probes either side of "
@@ -514,6 +525,40 @@ def search(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanCo
     chosen = best.states[best.chosen.index].counts
     return Found({groups_key(g): chosen[g.id] for g in graph.groups}, {groups_key(g): g.size for g in graph.groups},
                  best.plans[best.chosen.index], target, probes, probes.index(best.chosen), info)
+
+
+def _challenge(done: list[_Searched], lat: latency.LatencyModel, scores: dict[int, torch.Tensor], model: nn.Module,
+               graph: DependencyGraph, criterion: Any, cfg: PlanConfig, target: Target, shape: tuple[int, ...],
+               prober: Prober, say: Callable[[str], None]) -> None:
+    """Without a judge: the winner so far, in the band, is challenged by uniform pruning (:data:`CHALLENGER`).
+    Only the uniform trajectory's points keeping at least :data:`CHALLENGE_GAIN` times the winner's MACs are
+    candidates (MACs as the latency tables' sites count them, for both); the fastest of them is measured first,
+    aimed with the winner's measurement, and when it is too slow the challenge ends there, after one short
+    timing. At most :data:`CHALLENGE_PROBES` probes, plus the confirmations of a probe in the band; the
+    challenger wins as any allocation does (:func:`_unjudged_rank`). ``done`` is updated in place.
+
+    Why: the latency-aware trajectory comes down in channel steps chosen on one-layer tables, and where ONNX
+    Runtime's time follows the MACs closely (the ResNets on the 2-core AVX2 CPU) the uniform allocation can sit
+    on a faster point at the same MACs: ResNet-18 at 2x (step 32) kept 798M MACs at 2.15x, where Torch-Pruning's
+    uniform pruning kept 857M at 2.04-2.16x, in two comparisons (docs/latency-target.md)."""
+    best = max(done, key=lambda d: _unjudged_rank(target, d.chosen, -done.index(d)))
+    if _in_band(target, best.chosen.measured) != 0:
+        return
+
+    def macs(state: State) -> float:
+        return lat.macs({g.id: state.counts[g.id] / g.size for g in graph.groups})
+
+    floor = CHALLENGE_GAIN * macs(best.states[best.chosen.index])
+    states = allocation_states(CHALLENGER, graph, scores, lat, cfg)
+    n = next((j for j, st in enumerate(states) if macs(st) < floor), len(states))
+    if n <= 1:
+        return
+    say(f"challenging the {best.allocation} model ({best.chosen.macs / 1e6:.0f}M MACs at "
+        f"{best.chosen.measured:.3g}) with {CHALLENGER} pruning keeping {CHALLENGE_GAIN:g}x its MACs or more")
+    done.append(_search_states(model, graph, criterion, cfg, target, shape, states[:n], prober, say, CHALLENGER,
+                               CHALLENGE_PROBES, (best.chosen.predicted_speedup_raw,
+                                                  best.chosen.dense_ms / best.chosen.probe_ms),
+                               sum(len(d.probes) for d in done), refuse=False))
 
 
 def _resume(done: list[_Searched], model: nn.Module, graph: DependencyGraph, criterion: Any, cfg: PlanConfig,
@@ -546,12 +591,13 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
                    shape: tuple[int, ...], states: list[State], prober: Prober, say: Callable[[str], None],
                    allocation: str, max_probes: int = MAX_PROBES,
                    borrowed: tuple[float, float] | None = None, first: int = 0,
-                   prior: _Searched | None = None) -> _Searched:
+                   prior: _Searched | None = None, refuse: bool = True) -> _Searched:
     """The measured bisection along one trajectory (see the module docstring); ``borrowed`` is a (table
     speedup, measured speedup) point from another trajectory's search that aims the first probe; ``first`` is
     how many probes were measured before (progress lines number probes as the report does); ``prior`` is an
     earlier search of these ``states`` to resume: its probes calibrate the map and narrow the bracket, and count
-    towards ``max_probes``."""
+    towards ``max_probes``; ``refuse=False`` (a challenger, whose ``states`` stop short of the planner's limits)
+    ends the search when its last point is too slow instead of refusing the target."""
     from deploy_prune.metrics import count_macs
 
     dense_pred = states[0].predicted_ms
@@ -607,6 +653,8 @@ def _search_states(model: nn.Module, graph: DependencyGraph, criterion: Any, cfg
             f"(target {target.value:g}{unit})")
         side = _in_band(target, meas)
         accept = side == 0 and _in_band(target, meas, inner=True) == 0
+        if side < 0 and i == len(states) - 1 and not refuse:
+            break
         if accept or (side < 0 and i == len(states) - 1):
             # Accepting ends the search, and the final benchmark measures the model once more; one short
             # timing can be 3-8% off (ResNet-18 at 1.5x: two short timings averaged 1.57x, the final

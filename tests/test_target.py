@@ -385,10 +385,62 @@ def test_without_a_judge_a_trajectory_that_jumps_past_the_band_falls_back_to_the
     pruned = copy.deepcopy(model)
     prune_channels(pruned, graph, found.plan)
     assert 2.0 <= prober.model_ms(model) / prober.model_ms(pruned) <= 2.2
-    # on the plain fake device the latency-aware search lands in the band, and nothing else is searched
+    # on the plain fake device the latency-aware search lands in the band; uniform pruning challenges it with
+    # one probe (keeping more MACs, measured too slow), and importance is never searched
     plain = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=_setup()[3],
                    allocations=tuple(ALLOCATIONS))
-    assert {p.allocation for p in plain.probes} == {"latency"} and "allocation_choice" not in plain.info
+    assert [p.allocation for p in plain.probes] == ["latency", "uniform"]
+    assert plain.info["allocation_choice"]["chosen"] == "latency" and plain.probes[1].measured < 2.0
+
+
+class MisledProber(FakeProber):
+    """The fake device, whose tables under-price layers b and c 16 times: the latency-aware trajectory spends
+    the speed-up on the stem and layer a, where the device saves little per MAC, and uniform pruning reaches the
+    same measured speed keeping more MACs (as a one-layer table can misjudge a real kernel)."""
+
+    def tables(self, graph, batch: int, step: int) -> latency.LatencyModel:
+        lat = super().tables(graph, batch, step)
+        for name in ("b.0", "c.0"):
+            t = lat.tables[name]
+            lat.tables[name] = latency.Table(t.cins, t.couts, t.ms / 16)
+        return lat
+
+
+def test_without_a_judge_uniform_pruning_challenges_the_winner_and_wins_keeping_more_macs_in_the_band() -> None:
+    """ResNet-18 at 2x on the 2-core AVX2 CPU: the latency-aware model kept 798M MACs at 2.15x where
+    Torch-Pruning's uniform pruning kept 857M at 2.04-2.16x. Uniform pruning now challenges an in-band winner
+    on its points keeping more MACs, and wins when one of them lands in the band."""
+    import copy
+
+    from deploy_prune.surgery import prune_channels
+    from deploy_prune.target import CHALLENGE_GAIN, CHALLENGE_PROBES
+
+    model, graph, crit, _ = _setup()
+    prober = MisledProber(graph)
+    prober.dense = model
+    cfg = PlanConfig(ratio=0.0, round_to=2)
+    lines: list[str] = []
+    found = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
+                   allocations=tuple(ALLOCATIONS), say=lines.append)
+    latency_probes = [p for p in found.probes if p.allocation == "latency"]
+    uniform_probes = [p for p in found.probes if p.allocation == "uniform"]
+    # the latency-aware search landed in the band first; only then was it challenged
+    assert latency_probes and found.probes[:len(latency_probes)] == latency_probes
+    winner = next(p for p in latency_probes if p.repeats and 2.0 <= p.measured <= 2.2)
+    assert any(ln.startswith("challenging the latency model") for ln in lines)
+    assert 1 <= len(uniform_probes) <= CHALLENGE_PROBES
+    assert all(p.macs >= CHALLENGE_GAIN * winner.macs * 0.98 for p in uniform_probes)  # only richer points
+    assert not any(p.allocation == "importance" for p in found.probes)
+    chosen = found.probes[found.chosen]
+    assert chosen.allocation == "uniform" and chosen.repeats and 2.0 <= chosen.measured <= 2.2
+    assert chosen.macs > winner.macs
+    assert found.info["allocation_choice"]["chosen"] == "uniform"
+    # the plan is uniform pruning's: every group keeps the same fraction, up to the channel step
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, graph, found.plan)
+    assert 2.0 <= prober.model_ms(model) / prober.model_ms(pruned) <= 2.2
+    kept = [pruned.get_submodule(n).out_channels / model.get_submodule(n).out_channels for n in ("stem.0", "b.0")]
+    assert abs(kept[0] - kept[1]) < 0.05
 
 
 def test_without_a_judge_an_open_bracket_keeping_more_macs_is_measured_before_the_winner_is_taken(
@@ -633,6 +685,39 @@ def test_sites_know_which_groups_set_their_widths() -> None:
     assert sites["b.0"].in_counts == ((stream.id, 64),) and sites["b.0"].out_counts == ((gid["b.0"], 128),)
     assert sites["fc"].out_fixed == 10 and not sites["fc"].out_counts  # the classifier keeps its classes
     assert sites["a.0"].macs() == 4 * 16 * 16 * 64 * 64 * 9
+
+
+@pytest.mark.parametrize("kind", ["plain", "depthwise", "whole groups"])
+def test_the_latency_model_counts_a_pruned_models_macs_as_count_macs_does(kind: str) -> None:
+    """The uniform challenger compares trajectory points by the tables' MAC count before building them."""
+    import copy
+
+    from deploy_prune.metrics import count_macs
+    from deploy_prune.surgery import choose, plan_from_roots, prune_channels
+
+    torch.manual_seed(0)
+    if kind == "plain":
+        model, shape = Net().eval(), SHAPE
+    else:  # a depthwise conv, or one with 4 channels per group (pruned by whole groups), between two 1x1s
+        groups = 32 if kind == "depthwise" else 8
+        model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                              nn.Conv2d(32, 32, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(32),
+                              nn.ReLU(), nn.Conv2d(32, 24, 1), nn.BatchNorm2d(24), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(24 * 8 * 8, 10)).eval()
+        shape = (2, 3, 8, 8)
+    graph = analyze(model, shape)
+    crit = criteria.create("l1")
+    crit.prepare(model, graph, criteria.ScoreContext())
+    sites = latency.sites(graph, shape[0])
+    lat = latency.LatencyModel(sites, {}, 8)
+    assert lat.macs({}) == count_macs(model, shape)
+    for ratio in (0.25, 0.5):
+        counts = uniform_counts(graph, PlanConfig(ratio=ratio, round_to=4))
+        assert any(counts[g.id] < g.size for g in graph.groups)
+        pruned = copy.deepcopy(model)
+        prune_channels(pruned, graph, plan_from_roots(graph, choose(graph, crit, counts)))
+        frac = {g.id: counts[g.id] / g.size for g in graph.groups}
+        assert lat.macs(frac) == pytest.approx(count_macs(pruned, shape), rel=1e-9)
 
 
 def test_a_conv_losing_whole_groups_is_timed_at_its_group_width_with_fewer_groups() -> None:
