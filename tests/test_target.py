@@ -12,6 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -354,19 +355,26 @@ class BlockProber(FakeProber):
         return 0.85 * ms if model.get_submodule("b.0").out_channels <= 58 else ms
 
 
+def _auto_search(device: type[FakeProber]) -> tuple[Any, ...]:
+    """``--allocation auto`` without a judge at 2x on ``device``: (model, graph, criterion, config, prober, found,
+    progress lines)."""
+    model, graph, crit, _ = _setup()
+    prober = device(graph)
+    prober.dense = model
+    cfg = PlanConfig(ratio=0.0, round_to=2)
+    lines: list[str] = []
+    found = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
+                   allocations=tuple(ALLOCATIONS), say=lines.append)
+    return model, graph, crit, cfg, prober, found, lines
+
+
 def test_without_a_judge_a_trajectory_that_jumps_past_the_band_falls_back_to_the_next_allocation() -> None:
     import copy
 
     from deploy_prune.surgery import prune_channels
     from deploy_prune.target import FALLBACK_PROBES
 
-    model, graph, crit, _ = _setup()
-    prober = BlockProber(graph)
-    prober.dense = model
-    cfg = PlanConfig(ratio=0.0, round_to=2)
-    lines: list[str] = []
-    found = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
-                   allocations=tuple(ALLOCATIONS), say=lines.append)
+    model, graph, crit, cfg, prober, found, lines = _auto_search(BlockProber)
     by = {a: [p.measured for p in found.probes if p.allocation == a] for a in ALLOCATIONS}
     # progress lines number the probes across allocations as the report lists them
     numbered = [ln.split(":")[0] for ln in lines if ln.startswith("probe ") and "timed again" not in ln]
@@ -415,13 +423,7 @@ def test_without_a_judge_uniform_pruning_challenges_the_winner_and_wins_keeping_
     from deploy_prune.surgery import prune_channels
     from deploy_prune.target import CHALLENGE_GAIN, CHALLENGE_PROBES
 
-    model, graph, crit, _ = _setup()
-    prober = MisledProber(graph)
-    prober.dense = model
-    cfg = PlanConfig(ratio=0.0, round_to=2)
-    lines: list[str] = []
-    found = search(model, graph, crit, cfg, Target("speedup", 2.0), SHAPE, prober=prober,
-                   allocations=tuple(ALLOCATIONS), say=lines.append)
+    model, graph, crit, cfg, prober, found, lines = _auto_search(MisledProber)
     latency_probes = [p for p in found.probes if p.allocation == "latency"]
     uniform_probes = [p for p in found.probes if p.allocation == "uniform"]
     # the latency-aware search landed in the band first; only then was it challenged
