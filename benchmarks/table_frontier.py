@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from table_grid import prepared  # noqa: E402
 
 from deploy_prune import bench, latency  # noqa: E402
 from deploy_prune.surgery import comparable_scores  # noqa: E402
-from deploy_prune.target import ALLOCATIONS, allocation_states, allowed_counts  # noqa: E402
+from deploy_prune.target import ALLOCATIONS, allocation_states, allowed_counts, fractions  # noqa: E402
 
 SPEEDS = (1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5)
 
@@ -42,11 +43,11 @@ def at(curve: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
-def climb(lat: latency.LatencyModel, sizes: dict[int, int], allowed: dict[int, list[int]], counts: dict[int, int],
+def climb(lat: latency.LatencyModel, graph: Any, allowed: dict[int, list[int]], counts: dict[int, int],
           budget: float) -> dict[int, int]:
     """Best-improvement hill-climb on the tables' MACs within the predicted latency ``budget`` (see above)."""
     def frac(c: dict[int, int]) -> dict[int, float]:
-        return {g: c[g] / sizes[g] for g in c}
+        return fractions(graph, c)
 
     c = dict(counts)
     while True:
@@ -85,11 +86,10 @@ def main() -> None:
         model, graph, crit, cfg, measure = prepared(name, shape, args.step, args.threads)
         lat = latency.build(graph, shape[0], measure.timer(), measure.cache(), args.step)
         scores = comparable_scores(graph, crit)
-        sizes = {g.id: g.size for g in graph.groups}
         dense_ms, dense_macs = lat.predict({}), lat.macs({})
         states = {a: allocation_states(a, graph, scores, lat, cfg) for a in ALLOCATIONS}
-        curves = {a: [(dense_ms / s.predicted_ms, lat.macs({g: s.counts[g] / sizes[g] for g in sizes}) / dense_macs)
-                      for s in st] for a, st in states.items()}
+        curves = {a: [(dense_ms / s.predicted_ms, lat.macs(fractions(graph, s.counts)) / dense_macs) for s in st]
+                  for a, st in states.items()}
         print(f"\n{name}\n| predicted speedup | " + " | ".join(ALLOCATIONS) + " | latency / uniform |")
         print("|---:|" + "---:|" * (len(ALLOCATIONS) + 1))
         for x in SPEEDS:
@@ -101,10 +101,10 @@ def main() -> None:
         for x in (float(v) for v in args.climb.split(",") if v):
             budget = dense_ms / x
             start = max((s for st in states.values() for s in st if s.predicted_ms <= budget),
-                        key=lambda s: lat.macs({g: s.counts[g] / sizes[g] for g in sizes}))
-            best = climb(lat, sizes, allowed, start.counts, budget)
+                        key=lambda s: lat.macs(fractions(graph, s.counts)))
+            best = climb(lat, graph, allowed, start.counts, budget)
             uni = at(curves["uniform"], x)
-            kept = lat.macs({g: best[g] / sizes[g] for g in sizes}) / dense_macs
+            kept = lat.macs(fractions(graph, best)) / dense_macs
             print(f"hill-climb at {x:g}x: {kept:.3f} of dense MACs"
                   + (f", {kept / uni:.3f}x uniform's" if uni else "")
                   + f"; widths {[best[g.id] for g in graph.groups]}")

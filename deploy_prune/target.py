@@ -141,6 +141,11 @@ class State:
     predicted_ms: float
 
 
+def fractions(graph: DependencyGraph, counts: dict[int, int]) -> dict[int, float]:
+    """Each group's kept fraction, from kept classes per group id (what the latency model takes)."""
+    return {g.id: counts[g.id] / g.size for g in graph.groups}
+
+
 def class_weights(graph: DependencyGraph, model: latency.LatencyModel) -> dict[int, float]:
     """Per group: the multiply-accumulates one of its channel classes carries (dense), summed over every site
     that reads or writes the group, each site's MACs shared out by the group's part of its width."""
@@ -213,7 +218,7 @@ def uniform_trajectory(graph: DependencyGraph, scores: dict[int, torch.Tensor], 
         counts = {g.id: max(kept[g.id], floor[g.id]) for g in graph.groups}
         if states and counts == states[-1].counts:
             continue
-        states.append(State(counts, model.predict({g.id: counts[g.id] / g.size for g in graph.groups})))
+        states.append(State(counts, model.predict(fractions(graph, counts))))
     return states
 
 
@@ -546,7 +551,7 @@ def _challenge(done: list[_Searched], lat: latency.LatencyModel, scores: dict[in
         return
 
     def macs(state: State) -> float:
-        return lat.macs({g.id: state.counts[g.id] / g.size for g in graph.groups})
+        return lat.macs(fractions(graph, state.counts))
 
     floor = CHALLENGE_GAIN * macs(best.states[best.chosen.index])
     states = allocation_states(CHALLENGER, graph, scores, lat, cfg)
