@@ -20,6 +20,9 @@ subprocess, read back from its ``report.json``. Parts (``--parts``):
 * ``grid``: every ``--grid-criteria`` at every ``--grid-speeds`` target, with the default recipe, without
   BatchNorm re-estimation (``--bn-recalib-batches 0``) and without distillation (``--no-distill``), per seed;
   with ``tp`` also in ``--parts``, Torch-Pruning's uniform L1 matched to each default l1 row's measured speed.
+  The speed ``max`` is the fastest reachable one, found as a user finds it: ``--target-speedup 1000`` is
+  refused with exit 2 and the error names the fastest speedup measured, F (once per seed, l1, no
+  finetuning); the rows then ask for F / 1.05, whose band [0.95 F, 1.05 F] holds F.
 * ``slimming``: ``--criterion slimming --ratio 0.5`` with its defaults, per seed.
 * ``steps``: ``--ratio 0.5 --steps 3`` against one-shot ``--ratio 0.5``, per seed.
 * ``quick``: the ablations behind the defaults (BN batches, distillation alpha and T, ``--steps 3``, slimming's
@@ -43,6 +46,7 @@ import copy
 import fcntl
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -122,7 +126,19 @@ def summary(rep: dict[str, Any]) -> dict[str, Any]:
             "speedup": st["speedup_vs_dense"], "macs_kept": round(st["macs"] / dn["macs"], 4),
             "widths": [layer["out_channels_after"] for layer in rep["layers"]], "wall_s": rep["wall_s"],
             "schedule": [(r["accuracy_pruned"], r["accuracy_finetuned"]) for r in rep.get("schedule", [])],
-            "target": {k: rep["target"][k] for k in ("achieved", "met")} if "target" in rep else None}
+            "target": {k: rep["target"][k] for k in ("value", "achieved", "met")} if "target" in rep else None}
+
+
+def fastest(seed_args: list[str], out: Path, timeout: int) -> dict[str, Any]:
+    """The fastest speedup the planner reaches, as a user learns it: an unreachable target is refused with exit 2
+    and its error names the fastest speedup measured. Returns ``{"fastest": F, "target": F / 1.05}`` (the band
+    [target, 1.1 target] holds F), or the error when the run was not refused as expected."""
+    rep = cli(["--target-speedup", "1000", "--no-finetune", *seed_args], out, timeout, lock=True)
+    m = re.search(r"measured speedup ([0-9.]+)x", rep.get("error", ""))
+    if not m:
+        return {"error": rep.get("error", "the unreachable target was not refused")}
+    f = float(m.group(1))
+    return {"fastest": f, "target": round(f / 1.05, 2)}
 
 
 def tp_matched(bundle: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -281,7 +297,9 @@ def table(res: dict[str, Any]) -> str:
                         f"{fmt([(s.get('target') or {}).get('achieved') for s in res[f'alloc_{name}'].values()])}x | — |")
     for key, runs in res.get("grid", {}).items():
         tp = res.get("grid_tp", {}).get(key)
-        rows.append(f"| {key} | {fmt([s.get('structured') for s in runs.values()])}; before finetuning "
+        asked = "" if " max" not in key else \
+            f"; asked {', '.join(str((s.get('target') or {}).get('value')) for s in runs.values())}x"
+        rows.append(f"| {key} | {fmt([s.get('structured') for s in runs.values()])}{asked}; before finetuning "
                     f"{fmt([s.get('before_ft') for s in runs.values()])}; achieved "
                     f"{fmt([(s.get('target') or {}).get('achieved') for s in runs.values()])}x"
                     + (f"; Torch-Pruning at the same speed {fmt([t.get('accuracy') for t in tp.values()])}" if tp else "")
@@ -313,7 +331,10 @@ def main() -> None:
                          "deploy-prune's default). At 28x28 the model runs in 0.05-0.2 ms, where a second thread's "
                          "wake-up costs more than it saves and makes 2-thread timings bimodal: use 1")
     ap.add_argument("--grid-criteria", default="l1,fpgm,apoz,slimming,random,lottery")
-    ap.add_argument("--grid-speeds", default="2,3")
+    ap.add_argument("--grid-speeds", default="2,3,max",
+                    help="targets for the grid; max: the fastest reachable speed (see the module docstring)")
+    ap.add_argument("--bench-target-seconds", type=float, default=None,
+                    help="passed to every target run (deploy-prune's default: 60 s for the final benchmark)")
     ap.add_argument("--grid-recipes", default="default,no_bn,no_distill")
     ap.add_argument("--work", type=Path, default=None, help="keep the bundles here (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None)
@@ -360,20 +381,6 @@ def main() -> None:
                     ["--target-speedup", "3", "--allocation", name, *th, *sd], work / f"alloc-{name}-{seed}",
                     args.timeout, lock=True))
                 save()
-        if "grid" in parts:
-            for crit in args.grid_criteria.split(","):
-                for x in args.grid_speeds.split(","):
-                    for recipe in args.grid_recipes.split(","):
-                        key = f"{crit} --target-speedup {x}" + ("" if recipe == "default" else f", {recipe}")
-                        out = work / f"grid-{crit}-{x}-{recipe}-{seed}"
-                        res.setdefault("grid", {}).setdefault(key, {})[seed] = summary(cli(
-                            ["--criterion", crit, "--target-speedup", x, *RECIPES[recipe], *th, *sd], out,
-                            args.timeout, lock=True))
-                        save()
-                        if "tp" in parts and crit == "l1" and recipe == "default" and \
-                                "error" not in res["grid"][key][seed]:
-                            res.setdefault("grid_tp", {}).setdefault(key, {})[seed] = tp_matched(out, seed, args)
-                            save()
         if "slimming" in parts:
             res.setdefault("slimming", {})[seed] = summary(cli(["--criterion", "slimming", "--ratio", "0.5", *sd],
                                                                work / f"slim-{seed}", args.timeout))
@@ -390,6 +397,38 @@ def main() -> None:
                                                             work / f"{key}-{seed}", args.timeout))
                 save()
         print(table(res), file=sys.stderr, flush=True)
+    if "grid" in parts:  # row by row, seeds innermost: a row's mean and spread are complete before the next starts
+        th = ["--threads", str(args.threads)] if args.threads else []
+        bt = ["--bench-target-seconds", str(args.bench_target_seconds)] if args.bench_target_seconds else []
+        speeds = args.grid_speeds.split(",")
+        top = {}
+        if "max" in speeds:
+            for seed in seeds:
+                top[seed] = res.setdefault("grid_fastest", {})[seed] = fastest(
+                    ["--seed", str(seed), *it, *th], work / f"fastest-{seed}", args.timeout)
+                save()
+        for crit in args.grid_criteria.split(","):
+            for x in speeds:
+                for recipe in args.grid_recipes.split(","):
+                    key = f"{crit} --target-speedup {x}" + ("" if recipe == "default" else f", {recipe}")
+                    for seed in seeds:
+                        if x == "max" and "error" in top[seed]:
+                            continue
+                        ask = str(top[seed]["target"]) if x == "max" else x
+                        res.setdefault("grid", {}).setdefault(key, {})[seed] = summary(cli(
+                            ["--criterion", crit, "--target-speedup", ask, *RECIPES[recipe], *th, *bt, "--seed",
+                             str(seed), *it], work / f"grid-{crit}-{x}-{recipe}-{seed}", args.timeout, lock=True))
+                        save()
+                print(table(res), file=sys.stderr, flush=True)
+        if "tp" in parts:  # Torch-Pruning last: the criteria's rows first when time is short
+            for key, runs in list(res.get("grid", {}).items()):
+                if key.startswith("l1 ") and "," not in key:
+                    for seed, rep in runs.items():
+                        if "error" not in rep:
+                            x = key.split()[-1]
+                            res.setdefault("grid_tp", {}).setdefault(key, {})[seed] = tp_matched(
+                                work / f"grid-l1-{x}-default-{seed}", seed, args)
+                            save()
     res["table"] = table(res)
     save()
     print(res["table"])
