@@ -16,7 +16,7 @@ in one interleaved run::
 
     python benchmarks/context_scale.py --model regnet_x_400mf --tp-ratios 0.787,0.844,0.886
 
-docs/latency-target.md records what it measured.
+docs/latency-target-log.md records what it measured.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ With ``--replay``, it prints instead, for every run that searched more than one 
 picks (``_unjudged_rank`` without data, ``_judged_rank`` with the stored judge scores) against the one the run
 kept, with the final benchmark's speedup: a rule change replayed on stored runs without timing anything again.
 
-docs/latency-target.md records what it measured.
+docs/latency-target-log.md records what it measured.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ run: MACs kept against measured speedup, side by side::
 
     python benchmarks/group_correction.py --model regnet_x_400mf --tp-ratios 0.8,0.844,0.886
 
-docs/latency-target.md records what it measured.
+docs/latency-target-log.md records what it measured.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ milliseconds, the MACs and the time per MAC::
     python benchmarks/grouped_conv.py torchvision:regnet_x_400mf
     python benchmarks/grouped_conv.py torchvision:resnext50_32x4d --input-shape 1x3x224x224
 
-docs/latency-target.md records what it measured.
+docs/latency-target-log.md records what it measured.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ model's time the tables never saw. Example, on a target bundle::
         --out /tmp/cx3
     python benchmarks/ort_op_profile.py /tmp/cx3/dense.onnx /tmp/cx3/model.onnx
 
-docs/latency-target.md records what it measured on ConvNeXt-T.
+docs/latency-target-log.md records what it measured on ConvNeXt-T.
 """
 
 from __future__ import annotations

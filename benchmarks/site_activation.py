@@ -11,7 +11,7 @@ subtracted, as the tables are measured), and the ratio::
     python benchmarks/site_activation.py torchvision:convnext_tiny --input-shape 1x3x224x224
     python benchmarks/site_activation.py torchvision:efficientnet_b0 --sites 4
 
-docs/latency-target.md records what it measured.
+docs/latency-target-log.md records what it measured.
 """
 
 from __future__ import annotations

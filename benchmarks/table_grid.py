@@ -11,7 +11,7 @@ across one model's points (the std of its log), which no calibration removes::
 
     python benchmarks/table_grid.py --models resnet18,regnet_x_400mf
 
-docs/latency-target.md records what it measured.
+docs/latency-target-log.md records what it measured.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ and the bundle's dense.onnx and model.onnx are timed side by side in the product
     python benchmarks/table_timing.py --models resnet18,mobilenet_v2 --work /tmp/tt
 
 It prints, per model, the measured speedup and each method's predicted speedup (sum of dense site times / sum of
-pruned site times) with its error. docs/latency-target.md records what it measured.
+pruned site times) with its error. docs/latency-target-log.md records what it measured.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ extrapolated from the quarter and the half. Over points of the ``latency`` and `
 1.5x-3x, the spread of measured / predicted speedup (std of its log) went from 0.104 to 0.088 on
 RegNet-X-400MF, 0.100 to 0.090 on EfficientNet-B0, 0.163 to 0.155 on MobileNetV2, 0.024 to 0.029 on
 ConvNeXt-T, and stayed at 0.028 / 0.025 on ResNet-18 / ResNet-50 (``benchmarks/table_grid.py``, CPU provider, 2
-threads; docs/latency-target.md, "The tables now time the floor")."""
+threads; docs/latency-target-log.md, "The tables now time the floor")."""
 _REPEATS = 15
 _WARMUP = 3
 

@@ -304,7 +304,7 @@ def default_round_to(target: Target | None) -> int | str:
 
     A target is a speed on this machine, and a width between two of the kernel's channel blocks costs the next
     block: on an AVX-512 CPU (block 16) the digits' 3x search with steps of 8 kept 10-17% of the MACs and
-    scored 95.4 (3 seeds), with steps of 16 it kept 21-25% and scored 96.1 (docs/latency-target.md). Without
+    scored 95.4 (3 seeds), with steps of 16 it kept 21-25% and scored 96.1 (docs/latency-target-log.md). Without
     a target the widths are the user's ratio, and 8 keeps runs comparable across machines.
     """
     return "auto" if target is not None else 8

@@ -85,7 +85,7 @@ model allowed before a target is refused. The search stops on it, so it is what 
 agree with (or what the refusal quotes): a probe's first timing is short (50 iterations,
 2-9 s on the six 224x224 models) and on a 2-vCPU VM one such run lands 3-8% from the next; in the six-model
 re-run with a 60-second final benchmark (2026-12-03), ResNet-18 at 1.5x stopped on a probe whose two short
-timings averaged 1.57x, and the final benchmark measured 1.48x (docs/latency-target.md). ``deploy-prune run``
+timings averaged 1.57x, and the final benchmark measured 1.48x (docs/latency-target-log.md). ``deploy-prune run``
 sets it to a quarter of ``--bench-target-seconds`` (``Measure.confirm_seconds``)."""
 
 

@@ -331,7 +331,7 @@ class Propagator(fx.Interpreter):
             # inputs and outputs form one class, so the conv keeps its group width and its group count drops.
             # Narrowing each group instead buys little time on ONNX Runtime's CPU kernels: RegNet-X-400MF's
             # grouped convs at 8 channels per group ran at 0.74-0.96x their dense time for a quarter of the
-            # MACs, at half their groups 0.56-0.70x for half (benchmarks/grouped_conv.py, docs/latency-target.md).
+            # MACs, at half their groups 0.56-0.70x for half (benchmarks/grouped_conv.py, docs/latency-target-log.md).
             vec = self._read(name, "groups", x, 1).reshape(m.groups, w_in)
             out = self._produce(name, m.out_channels, 1)
             ids = self.g.producer_ids[name].reshape(m.groups, w_out)
