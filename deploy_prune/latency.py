@@ -252,7 +252,6 @@ def sites(graph: DependencyGraph, batch: int) -> list[Site]:
 
 def layer_model(site: Site, cin: int, cout: int) -> bytes:
     """A one-layer ONNX model of ``site`` at input width ``cin`` and output width ``cout``."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
