@@ -350,6 +350,8 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     res: dict[str, Any] = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     it = ["--bench-iters", str(args.bench_iters)]
+    th = ["--threads", str(args.threads)] if args.threads else []
+    bt = ["--bench-target-seconds", str(args.bench_target_seconds)] if args.bench_target_seconds else []
 
     def save() -> None:
         res["unlocked"] = UNLOCKED
@@ -366,7 +368,6 @@ def main() -> None:
         save()
     for seed in seeds:
         sd = ["--seed", str(seed), *it]
-        th = ["--threads", str(args.threads)] if args.threads else []
         if "target" in parts:
             out = work / f"target-{seed}"
             res.setdefault("target", {})[seed] = summary(cli(["--target-speedup", "3", *th, *sd], out, args.timeout,
@@ -398,8 +399,6 @@ def main() -> None:
                 save()
         print(table(res), file=sys.stderr, flush=True)
     if "grid" in parts:  # row by row, seeds innermost: a row's mean and spread are complete before the next starts
-        th = ["--threads", str(args.threads)] if args.threads else []
-        bt = ["--bench-target-seconds", str(args.bench_target_seconds)] if args.bench_target_seconds else []
         speeds = args.grid_speeds.split(",")
         top = {}
         if "max" in speeds:
