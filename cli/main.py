@@ -142,7 +142,9 @@ def _run_template(
     bn_recalib_batches: Annotated[int, typer.Option(help="After every surgery, re-estimate BatchNorm running "
                                                          "statistics on N training batches (no gradient steps; "
                                                          "EagleEye's adaptive BN) before the model is evaluated "
-                                                         "or finetuned. 0 = off; skipped without --data.")] = 50,
+                                                         "or finetuned. 0 = off, and with it the classifier refit "
+                                                         "(--no-head-refit), which uses the same batches; "
+                                                         "skipped without --data.")] = 50,
     no_head_refit: Annotated[bool, typer.Option("--no-head-refit", help="Keep the classifier's weights after "
                                                 "surgery. By default, on the same batches as the BatchNorm "
                                                 "re-estimation, a classifier whose inputs were narrowed is "
