@@ -147,9 +147,10 @@ def _run_template(
                                                          "skipped without --data.")] = 50,
     no_head_refit: Annotated[bool, typer.Option("--no-head-refit", help="Keep the classifier's weights after "
                                                 "surgery. By default, on the same batches as the BatchNorm "
-                                                "re-estimation, a classifier whose inputs were narrowed is "
-                                                "refit by least squares to the dense model's outputs (He et "
-                                                "al. 2017).")] = False,
+                                                "re-estimation, the classifier (the Linear layer producing "
+                                                "the output, or one whose inputs were narrowed) is refit by "
+                                                "least squares to the dense model's outputs (He et al. 2017), "
+                                                "kept only where it reconstructs them better.")] = False,
     batch_size: Annotated[int, typer.Option(help="Batch size for finetuning, evaluation and BatchNorm "
                                                  "re-estimation.")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,

@@ -259,8 +259,9 @@ class TrainSpec:
         distill_temperature, distill_alpha: T and the soft term's weight alpha.
         bn_recalib_batches: training batches to re-estimate BatchNorm statistics on after every surgery;
             0 = off (the head refit too).
-        head_refit: after re-estimation, refit each classifier whose inputs were narrowed to the dense model's
-            outputs by least squares on the same batches (``deploy_prune.train.headfit``).
+        head_refit: after re-estimation, refit the classifier (the Linear producing the output, and any
+            Linear whose inputs were narrowed) to the dense model's outputs by least squares on the same batches
+            (``deploy_prune.train.headfit``).
     """
 
     epochs: int = 3

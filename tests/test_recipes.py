@@ -17,7 +17,7 @@ from deploy_prune.cli.main import main
 from deploy_prune.spec import TrainSpec
 from deploy_prune.train import evaluate, train
 from deploy_prune.train.bn import batchnorms, calibration_loader, recalibrate_bn
-from deploy_prune.train.headfit import refit_candidates, refit_heads
+from deploy_prune.train.headfit import output_layers, refit_candidates, refit_heads
 from deploy_prune.train.recipe import distillation_loss, lr_factor, make_optimizer, param_groups
 
 
@@ -145,6 +145,41 @@ def test_head_refit_leaves_masked_and_unnarrowed_layers_alone() -> None:
     pruned = _Dup(2)
     torch.nn.utils.prune.l1_unstructured(pruned.head, "weight", amount=0.5)  # a live mask: refit would revive
     assert refit_candidates(pruned, dense) == []
+
+
+class _Chain(nn.Module):
+    """body -> mid -> head, all linear: the head's inputs are a linear function of x of rank 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(2, 4, bias=False)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.body(x)))
+
+
+def test_head_refit_also_refits_a_whole_classifier_whose_features_changed_upstream() -> None:
+    torch.manual_seed(0)
+    dense = _Chain()
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():  # what pruning an earlier layer does to the classifier's features, at the same width
+        pruned.body.weight.mul_(torch.tensor([2.0, 0.5, 1.0, 3.0])[:, None])
+    x = torch.randn(100, 2)
+    assert output_layers(pruned, x) == {"head"}
+    assert refit_candidates(pruned, dense) == []  # nothing narrowed
+    assert [n for n, *_ in refit_candidates(pruned, dense, {"head"})] == ["head"]
+    assert not torch.allclose(pruned(x), dense(x), atol=0.1)
+    mid = pruned.mid.weight.detach().clone()
+    rows = refit_heads(pruned, dense, [(torch.randn(64, 2), None) for _ in range(3)], num_batches=3)
+    assert [r["layer"] for r in rows] == ["head"] and rows[0]["applied"]
+    torch.testing.assert_close(pruned(x), dense(x), rtol=1e-2, atol=1e-2)  # exactly reachable: head inputs span x
+    assert torch.equal(pruned.mid.weight, mid)  # a whole layer that is not the output is left alone
+    same = copy.deepcopy(dense)
+    rows = refit_heads(same, dense, [(torch.randn(64, 2), None)], num_batches=1)
+    assert rows[0]["applied"] is False  # nothing changed: the old weights reconstruct best, and stay
+    assert all(torch.equal(a, b) for a, b in zip(same.parameters(), dense.parameters()))
 
 
 def test_head_refit_after_bn_reestimation_recovers_the_digits(tmp_path: Path) -> None:

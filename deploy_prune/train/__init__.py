@@ -71,8 +71,9 @@ class Trainer:
     def recalibrate(self, model: nn.Module, what: str) -> dict[str, Any] | None:
         """Repair what surgery left stale, on ``spec.bn_recalib_batches`` training batches, before ``model`` is
         evaluated or finetuned: re-estimate every BatchNorm's statistics
-        (:func:`deploy_prune.train.bn.recalibrate_bn`), then, with ``spec.head_refit``, refit each classifier
-        whose inputs were narrowed to the dense model's outputs (:func:`deploy_prune.train.headfit.refit_heads`).
+        (:func:`deploy_prune.train.bn.recalibrate_bn`), then, with ``spec.head_refit``, refit the classifier
+        (the Linear producing the output, and any Linear whose inputs were narrowed) to the dense model's outputs
+        (:func:`deploy_prune.train.headfit.refit_heads`).
         Nothing without data or with 0 batches."""
         if self.data is None or self.spec.bn_recalib_batches <= 0:
             return None

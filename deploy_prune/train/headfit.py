@@ -11,7 +11,12 @@ The refit is the layer-wise reconstruction of He, Zhang & Sun (ICCV 2017, "Chann
 Very Deep Neural Networks", §3.1: after choosing channels, the next layer's weights are the least-squares
 solution that reconstructs the original layer's output) and ThiNet (Luo et al., ICCV 2017), applied to the
 one layer they leave no later BatchNorm to correct: every ``nn.Linear`` whose inputs were narrowed and whose
-outputs were not. For such a layer with pruned input features ``X`` (one row per sample, a column of ones
+outputs were not, and the ``nn.Linear`` that produces the model's output when its inputs were left whole but
+layers before it were pruned. A BatchNorm before the classifier re-centres and re-scales each feature, but the
+features now mean something else: on the digits at a 2x measured speed with apoz, a plan that kept all 128
+features scored 30% after re-estimation alone and 93.5% with the classifier refit as well (one that narrowed
+them to 16: 81%). Without this, the target search's judge (EagleEye-style, before finetuning) compared a
+repaired classifier with an unrepaired one and took the plan that finetuned 0.3-0.8 points worse. For such a layer with pruned input features ``X`` (one row per sample, a column of ones
 for the bias) and the dense layer's outputs ``Y`` on the same images,
 
     W = argmin ||X W - Y||^2 + lam ||W||^2,   lam = 1e-3 * trace(X^T X) / d,
@@ -30,6 +35,7 @@ inputs (VGG's 25,088-wide first classifier layer) are skipped: ``X^T X`` would n
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable
 
 import torch
@@ -39,24 +45,45 @@ MAX_FEATURES = 8192
 RIDGE = 1e-3
 
 
-def refit_candidates(model: nn.Module, dense: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
-    """``(name, pruned, dense)`` for every Linear whose inputs were narrowed and whose outputs were not.
+def refit_candidates(model: nn.Module, dense: nn.Module, outputs: Iterable[str] = ()
+                     ) -> list[tuple[str, nn.Linear, nn.Linear]]:
+    """``(name, pruned, dense)`` for every Linear whose inputs were narrowed and whose outputs were not, and for
+    each Linear named in ``outputs`` (the layers producing the model's output, :func:`output_layers`) whose
+    shape is the dense one's: its inputs are whole, but the layers before it were pruned.
 
     Layers with a live pruning mask (``torch.nn.utils.prune``'s ``weight_orig``/``weight_mask``, or a
     parametrization) are left alone: a refit would revive weights the mask holds at zero.
     """
     ref = dict(dense.named_modules())
+    heads = set(outputs)
     out = []
     for name, m in model.named_modules():
         d = ref.get(name)
         if not (isinstance(m, nn.Linear) and isinstance(d, nn.Linear)):
             continue
-        if m.out_features != d.out_features or m.in_features >= d.in_features:
+        if m.out_features != d.out_features or m.in_features > d.in_features:
+            continue
+        if m.in_features == d.in_features and name not in heads:
             continue
         if hasattr(m, "weight_mask") or hasattr(m, "weight_orig") or hasattr(m, "parametrizations"):
             continue
         out.append((name, m, d))
     return out
+
+
+def output_layers(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Names of the ``nn.Linear`` layers whose output is the model's output (or one of its outputs) on ``x``:
+    the classifiers. ``model`` runs once on ``x`` as it is (call it in eval mode, without gradients)."""
+    produced: dict[int, str] = {}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, n=name: produced.__setitem__(id(out), n))
+             for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        y = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    ys = list(y.values()) if isinstance(y, dict) else list(y) if isinstance(y, (tuple, list)) else [y]
+    return {produced[id(t)] for t in ys if id(t) in produced}
 
 
 class _Accumulator:
@@ -107,8 +134,24 @@ def refit_heads(model: nn.Module, dense: nn.Module, batches: Iterable[Any], num_
         batches: ``(inputs, ...)`` batches; both models see the same images.
         num_batches: how many batches to accumulate over.
     """
-    layers = refit_candidates(model, dense)
-    if not layers or num_batches <= 0:
+    if num_batches <= 0:
+        return []
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return []
+    modes = {m: m.training for m in list(model.modules()) + list(dense.modules())}
+    device = next(model.parameters()).device
+    dense_device = next(dense.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            heads = output_layers(model, first[0].to(device))
+    finally:
+        for m, was in modes.items():
+            m.training = was
+    layers = refit_candidates(model, dense, heads)
+    if not layers:
         return []
     rows: list[dict[str, Any]] = []
     todo = []
@@ -124,15 +167,12 @@ def refit_heads(model: nn.Module, dense: nn.Module, batches: Iterable[Any], num_
     for name, m, d, acc in todo:
         hooks.append(m.register_forward_pre_hook(lambda _m, args, n=name: captured.__setitem__(n, args[0])))
         hooks.append(d.register_forward_hook(lambda _m, _a, out, n=name, a=acc: a.add(captured.pop(n), out)))
-    modes = {m: m.training for m in list(model.modules()) + list(dense.modules())}
-    device = next(model.parameters()).device
-    dense_device = next(dense.parameters()).device
     seen = 0
     try:
         model.eval()
         dense.eval()
         with torch.no_grad():
-            for x, *_ in batches:
+            for x, *_ in itertools.chain([first], it):
                 if seen >= num_batches:
                     break
                 model(x.to(device))  # the pruned head's input is captured first ...
