@@ -81,7 +81,10 @@ def output_layers(model: nn.Module, x: torch.Tensor) -> set[str]:
     produced: list[tuple[str, weakref.ref[torch.Tensor]]] = []
 
     def hook(name: str) -> Any:
-        return lambda _m, _a, out: produced.append((name, weakref.ref(out))) if isinstance(out, torch.Tensor) else None
+        def record(_m: nn.Module, _a: Any, out: Any) -> None:  # returns None: the output is left as it is
+            if isinstance(out, torch.Tensor):
+                produced.append((name, weakref.ref(out)))
+        return record
 
     hooks = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     try:
@@ -150,42 +153,28 @@ def refit_heads(model: nn.Module, dense: nn.Module, batches: Iterable[Any], num_
     modes = {m: m.training for m in list(model.modules()) + list(dense.modules())}
     device = next(model.parameters()).device
     dense_device = next(dense.parameters()).device
-    try:
-        model.eval()
-        with torch.no_grad():
-            heads = output_layers(model, first[0].to(device))
-    finally:
-        for m, was in modes.items():
-            m.training = was
-    layers = refit_candidates(model, dense, heads)
-    if not layers:
-        return []
     rows: list[dict[str, Any]] = []
     todo = []
-    for name, m, d in layers:
-        if m.in_features > MAX_FEATURES:
-            rows.append({"layer": name, "skipped": f"{m.in_features} input features (> {MAX_FEATURES})"})
-        else:
-            todo.append((name, m, d, _Accumulator(m.in_features, m.out_features, m.bias is not None)))
-    if not todo:
-        return rows
-    captured: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, m, d, acc in todo:
-        hooks.append(m.register_forward_pre_hook(lambda _m, args, n=name: captured.__setitem__(n, args[0])))
-        hooks.append(d.register_forward_hook(lambda _m, _a, out, n=name, a=acc: a.add(captured.pop(n), out)))
-    seen = 0
     try:
         model.eval()
         dense.eval()
         with torch.no_grad():
-            for x, *_ in itertools.chain([first], it):
+            for name, m, d in refit_candidates(model, dense, output_layers(model, first[0].to(device))):
+                if m.in_features > MAX_FEATURES:
+                    rows.append({"layer": name, "skipped": f"{m.in_features} input features (> {MAX_FEATURES})"})
+                else:
+                    todo.append((name, m, d, _Accumulator(m.in_features, m.out_features, m.bias is not None)))
+            captured: dict[str, torch.Tensor] = {}
+            for name, m, d, acc in todo:
+                hooks.append(m.register_forward_pre_hook(lambda _m, args, n=name: captured.__setitem__(n, args[0])))
+                hooks.append(d.register_forward_hook(lambda _m, _a, out, n=name, a=acc: a.add(captured.pop(n), out)))
+            for seen, (x, *_) in enumerate(itertools.chain([first], it) if todo else ()):
                 if seen >= num_batches:
                     break
                 model(x.to(device))  # the pruned head's input is captured first ...
                 dense(x.to(dense_device))  # ... and paired with the dense head's output on the same images
                 captured.clear()
-                seen += 1
     finally:
         for h in hooks:
             h.remove()
